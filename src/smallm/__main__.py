@@ -1,0 +1,5 @@
+import sys
+
+from smallm.cli import main
+
+sys.exit(main())

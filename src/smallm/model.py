@@ -1,0 +1,291 @@
+"""The whole GPT in one file: nanoGPT's architecture and parameter names, plus a KV cache for sampling.
+
+Shapes: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from smallm.config import GPTConfig
+from smallm.errors import SmallmError
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no `bias=False` before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to block_size."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already cached
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # SDPA picks flash / memory-efficient kernels where available; the explicit path below computes
+        # the same thing step by step, for readers and for backends without SDPA.
+        self.use_sdpa = hasattr(F, "scaled_dot_product_attention")
+
+    def forward(self, x, kv_cache: KVCache | None = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
+        # Query i (absolute position past + i) may look at keys 0 .. past + i.
+        mask = None
+        if past > 0 and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        causal = past == 0 and T > 1
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
+            if causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()  # exact (erf) GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache: KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of the projections into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, the tied head counted once; `non_embedding` also leaves out both embeddings."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets (B, T): logits for every position (B, T, V) and the mean cross-entropy (targets of -1
+        are ignored). Without: logits of the last position only (B, 1, V), loss None.
+        With a kv_cache, idx continues the cached positions and the cache advances by T.
+        """
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.block_size:
+            raise SmallmError(
+                f"cannot forward {start + T} positions: the model's block_size is {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the next token is needed
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        use_kv_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        """Continue idx (B, T) by up to max_new_tokens sampled tokens; returns ids with the prompt included.
+
+        temperature 0 or top_k 1 is greedy. With eos_token_id, a row stops after producing it and is padded
+        with it; generation ends early once every row has stopped. The model sees at most the last
+        block_size tokens; with the KV cache each new token costs one position until the context is full,
+        after which the cache is refilled from the last block_size tokens (positions are learned, so they
+        cannot slide).
+        """
+        block_size = self.config.block_size
+        cache = None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if not use_kv_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is None or cache.pos >= block_size:
+                param = self.lm_head.weight
+                cache = KVCache(self.config, idx.size(0), param.device, param.dtype)
+                logits, _ = self(idx[:, -block_size:], kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
+            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if eos_token_id is not None:
+                next_id = next_id.masked_fill(done.unsqueeze(1), eos_token_id)
+                done |= next_id.squeeze(1) == eos_token_id
+            idx = torch.cat((idx, next_id), dim=1)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return idx
+
+    # ---- loading and saving -------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's load_state_dict, plus: torch.compile's `_orig_mod.` prefixes are dropped, a missing
+        `lm_head.weight` is fine (it is the tied embedding), and a mismatch is one clear SmallmError."""
+        state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+        if "lm_head.weight" not in state_dict and "transformer.wte.weight" in state_dict:
+            state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
+        own = self.state_dict()
+        for name, tensor in state_dict.items():
+            if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+                raise SmallmError(
+                    f"checkpoint does not fit this model: {name} has shape {tuple(tensor.shape)} in the "
+                    f"checkpoint but {tuple(own[name].shape)} in the model ({self.config})"
+                )
+        if strict:
+            missing = sorted(set(own) - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(own))
+            if missing or unexpected:
+                raise SmallmError(
+                    f"checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def save_pretrained(self, directory, extra_config: dict | None = None) -> None:
+        """Write `model.safetensors` (the tied head stored once) and `config.json` into directory."""
+        from smallm.checkpoint import save_model
+
+        save_model(self, directory, extra_config)
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu") -> GPT:
+        """Read a directory written by save_pretrained."""
+        from smallm.checkpoint import load_model
+
+        return load_model(directory, device)
+
+
+def top_k_filter(logits, k: int):
+    """Keep the k largest logits of each row (ties at the k-th value kept too); the rest become -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p: float):
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = F.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+    remove_sorted = before >= p  # the most likely token always stays (before == 0)
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
