@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from smallm.config import GPTConfig
@@ -86,7 +86,7 @@ def load_model(directory, device="cpu"):
         raise SmallmError(f"{weights} is missing; the checkpoint is incomplete")
     try:
         state = load_file(str(weights), device=str(device))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise SmallmError(f"{weights} cannot be read ({e}); the checkpoint is corrupt") from e
     model = GPT(GPTConfig.from_dict(config_dict))
     try:
