@@ -135,7 +135,8 @@ def test_checkpoint_of_another_shape_names_the_mismatch(tmp_path, small_config):
     other = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
     from safetensors.torch import load_file
 
-    with pytest.raises(SmallmError, match=r"transformer\.\S+ has shape \(192,\) in the checkpoint but \(96,\)"):
+    mismatch = r"transformer\.\S+ has shape \(192,\) in the checkpoint but \(96,\)"
+    with pytest.raises(SmallmError, match=mismatch):
         other.load_state_dict(load_file(tmp_path / "ckpt" / "model.safetensors"))
 
 
