@@ -43,4 +43,28 @@ def main(argv=None) -> int:
 
 # ---- verbs: each adds its subparser and sets `run` to the function that does the work -----------------
 
-VERBS = []
+
+def add_export(sub):
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face GPT-2 directory",
+        description="Write RUN/best (or a checkpoint directory) as a GPT2LMHeadModel + GPT-2 tokenizer that "
+        "transformers' AutoModelForCausalLM / AutoTokenizer load offline.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="run directory (its best/) or checkpoint directory")
+    p.add_argument("--format", choices=["hf"], default="hf", help="output format: Hugging Face transformers")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args):
+    from smallm.export import export_hf
+
+    out = export_hf(args.run_dir, args.out, force=args.force)
+    print(f"exported to {out}: load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+# keep this list last, in the order: prepare, train, generate, eval, export, serve
+VERBS = [add_export]

@@ -260,6 +260,14 @@ class GPT(nn.Module):
 
         return load_model(directory, device)
 
+    @classmethod
+    def from_hf(cls, directory, device="cpu") -> GPT:
+        """Read a GPT-2-shaped Hugging Face checkpoint (config.json + safetensors, exact "gelu" activation),
+        e.g. one written by `smallm export`."""
+        from smallm.export import load_hf
+
+        return load_hf(directory, device)
+
 
 def top_k_filter(logits, k: int):
     """Keep the k largest logits of each row (ties at the k-th value kept too); the rest become -inf."""
