@@ -66,5 +66,26 @@ def run_export(args):
     print(f"exported to {out}: load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def add_serve(sub):
+    p = sub.add_parser(
+        "serve",
+        help="serve a web page and an OpenAI-style /v1/completions endpoint",
+        description="Serve RUN/best (or a checkpoint directory): GET / is a page to write stories with, "
+        "POST /v1/completions is OpenAI-compatible (the `openai` client works), GET /health.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="run directory (its best/) or checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args):
+    from smallm.serve import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, max_tokens_cap=args.max_tokens_cap)
+
+
 # keep this list last, in the order: prepare, train, generate, eval, export, serve
-VERBS = [add_export]
+VERBS = [add_export, add_serve]
