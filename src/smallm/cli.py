@@ -87,5 +87,65 @@ def run_serve(args):
     serve(args.run_dir, host=args.host, port=args.port, max_tokens_cap=args.max_tokens_cap)
 
 
+def add_prepare(sub):
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize TinyStories (or any text) into uint16 token files",
+        description="Tokenize a Hugging Face dataset (default roneneldan/TinyStories) or local text files "
+        "into OUT/train.bin and OUT/validation.bin (GPT-2 ids, <|endoftext|> after every story) and "
+        "OUT/meta.json, in parallel worker processes. A finished OUT with the same inputs is reused.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "--dataset",
+        metavar="NAME_OR_DIR",
+        help="a Hugging Face Hub dataset or a local directory in its layout "
+        "(default: roneneldan/TinyStories; not with --text-files)",
+    )
+    p.add_argument(
+        "--text-files",
+        nargs="+",
+        metavar="PATH",
+        help="plain text files: TinyStories format (stories separated by <|endoftext|> lines) or one "
+        "document per file",
+    )
+    p.add_argument("--column", default="text", help="the dataset column holding the text")
+    p.add_argument("--out", default="data/tinystories", help="output directory (written atomically)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.005,
+        help="share of documents held out for validation when the source has no validation split",
+    )
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the validation split")
+    p.add_argument("--force", action="store_true", help="rebuild even if OUT already holds these inputs")
+    p.set_defaults(run=run_prepare)
+
+
+def run_prepare(args):
+    from smallm.data import DEFAULT_DATASET, prepare
+
+    if args.dataset and args.text_files:
+        raise SmallmError("use either --dataset or --text-files, not both")
+    meta = prepare(
+        out_dir=args.out,
+        dataset=args.dataset or DEFAULT_DATASET,
+        text_files=args.text_files,
+        column=args.column,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        seed=args.seed,
+        force=args.force,
+    )
+    if meta["reused"]:
+        print(f"{args.out} already holds these inputs: reusing it (--force rebuilds)")
+    for split, info in meta["splits"].items():
+        print(
+            f"{args.out}/{split}.bin: {info['tokens']:,} tokens, {info['documents']:,} documents, "
+            f"{info['bytes']:,} bytes of text"
+        )
+
+
 # keep this list last, in the order: prepare, train, generate, eval, export, serve
-VERBS = [add_export, add_serve]
+VERBS = [add_prepare, add_export, add_serve]

@@ -7,17 +7,24 @@ of documents, tokens and UTF-8 bytes of source text).
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from smallm.checkpoint import read_json
+from smallm.checkpoint import atomic_directory, read_json, write_json
 from smallm.errors import SmallmError
+from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 
 META = "meta.json"
 SPLITS = ("train", "validation")
 DTYPE = np.uint16
+DEFAULT_DATASET = "roneneldan/TinyStories"
+CHUNK_CHARS = 1 << 20  # about 1 MB of text per task sent to a worker
 
 # ---- reading -------------------------------------------------------------------------------------------
 
@@ -134,3 +141,308 @@ class Batches:
         else:
             x, y = x.contiguous().to(self.device), y.contiguous().to(self.device)
         return x, y
+
+
+# ---- writing -------------------------------------------------------------------------------------------
+
+
+def prepare(
+    out_dir="data/tinystories",
+    dataset=DEFAULT_DATASET,
+    text_files=None,
+    column="text",
+    val_fraction=0.005,
+    workers=None,
+    seed=1337,
+    force=False,
+) -> dict:
+    """Tokenize a dataset (or text files) into `out_dir/{train,validation}.bin` and `meta.json`; return meta.
+
+    Arguments:
+        out_dir: the directory to write; it is replaced atomically, never left half-written.
+        dataset: anything `datasets.load_dataset` accepts: a Hub name or a local directory in Hugging Face
+            layout (data/train-*.parquet, data/validation-*.parquet, json, ...). Ignored with `text_files`.
+        text_files: plain text files, each either in TinyStories format (stories separated by lines that
+            read `<|endoftext|>`) or holding one document.
+        column: the dataset column holding the text.
+        val_fraction: the share of documents held out for validation (seeded, deterministic) when the
+            source has no validation split of its own.
+        workers: tokenizer processes (default: every core).
+        seed: seeds the validation split.
+        force: rebuild even when `out_dir` already holds these inputs.
+
+    Every document is stripped of surrounding whitespace (empty ones are dropped), tokenized with GPT-2's
+    ordinary encoding and followed by `<|endoftext|>`; documents keep their source order within a split.
+    The returned meta has an extra key "reused": True when `out_dir` was already prepared from these inputs.
+    """
+    out_dir = Path(out_dir)
+    if not 0 <= val_fraction < 1:
+        raise SmallmError(f"--val-fraction must be in [0, 1), not {val_fraction}")
+    workers = workers or _cpu_count()
+    if workers < 1:
+        raise SmallmError(f"--workers must be at least 1, not {workers}")
+    if text_files:
+        text_files = [Path(p) for p in text_files]
+        for path in text_files:
+            if not path.is_file():
+                raise SmallmError(f"text file not found: {path}")
+        source = {"text_files": [str(p.resolve()) for p in text_files]}
+        files = [
+            {"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+            for p in text_files
+        ]
+    else:
+        local = Path(dataset).exists()
+        source = {"dataset": str(Path(dataset).resolve()) if local else dataset, "column": column}
+        files = _directory_listing(Path(dataset)) if local else []
+    inputs = {**source, "files": files, "val_fraction": val_fraction, "seed": seed, "tokenizer": "gpt2"}
+
+    reused = _finished_with(out_dir, inputs)
+    if reused is not None and not force:
+        return {**reused, "reused": True}
+    if out_dir.exists() and not (out_dir / META).is_file() and any(out_dir.iterdir()):
+        raise SmallmError(f"{out_dir} exists and is not a `smallm prepare` directory; choose another --out")
+
+    # Documents as (split name, text) in source order, a count for the progress bar.
+    if text_files:
+        count = sum(_count_text_file_documents(p) for p in text_files)
+        documents = _split_stream(_read_text_files(text_files), count, val_fraction, seed)
+    else:
+        count, documents = _dataset_documents(dataset, column, val_fraction, seed)
+
+    meta = {
+        "tokenizer": "gpt2",
+        "vocab_size": VOCAB_SIZE,
+        "dtype": "uint16",
+        "eot_token": EOT_TOKEN,
+        "source": source,
+        "splits": {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS},
+        "inputs": inputs,
+    }
+    with atomic_directory(out_dir) as tmp, _worker_pool(workers) as pool:
+        files_out = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
+        try:
+            encode = pool.imap if pool is not None else map
+            bar = tqdm(total=count, unit="doc", desc=f"prepare {out_dir}", unit_scale=True, smoothing=0.1)
+            with bar:
+                for n_read, results in encode(_encode_chunk, _chunks(documents)):
+                    bar.update(n_read)
+                    for split, (ids, n_docs, n_bytes) in results.items():
+                        ids.tofile(files_out[split])
+                        info = meta["splits"][split]
+                        info["documents"] += n_docs
+                        info["tokens"] += len(ids)
+                        info["bytes"] += n_bytes
+        finally:
+            for f in files_out.values():
+                f.close()
+        if meta["splits"]["train"]["tokens"] == 0:
+            raise SmallmError(f"no text found in {_describe(source)}: nothing to train on")
+        write_json(tmp / META, meta)
+    return {**meta, "reused": False}
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _describe(source: dict) -> str:
+    return ", ".join(source["text_files"]) if "text_files" in source else source["dataset"]
+
+
+def _directory_listing(directory: Path) -> list:
+    """Every file of a local dataset (path, size, mtime) so that a changed file means new inputs."""
+    paths = [directory] if directory.is_file() else sorted(p for p in directory.rglob("*") if p.is_file())
+    return [
+        {"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+        for p in paths
+        if ".cache" not in p.parts
+    ]
+
+
+def _finished_with(out_dir: Path, inputs: dict) -> dict | None:
+    """The meta of `out_dir` if it is a complete, consistent directory prepared from `inputs`."""
+    if not (out_dir / META).is_file():
+        return None
+    try:
+        meta = read_meta(out_dir)
+    except SmallmError:
+        return None
+    return meta if meta.get("inputs") == inputs else None
+
+
+# ---- sources: each yields (split, text) in source order ------------------------------------------------
+
+
+def _is_separator(line: str) -> bool:
+    return line.strip() == EOT_TEXT
+
+
+def _read_text_files(paths):
+    """Stories of TinyStories-format files (separated by `<|endoftext|>` lines); a file without any
+    separator line is one document."""
+    for path in paths:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            lines = []
+            try:
+                for line in f:
+                    if _is_separator(line):
+                        yield "".join(lines)
+                        lines = []
+                    else:
+                        lines.append(line)
+            except UnicodeDecodeError as e:
+                raise SmallmError(f"{path} is not UTF-8 text ({e})") from e
+            yield "".join(lines)
+
+
+def _count_text_file_documents(path: Path) -> int:
+    """How many documents `_read_text_files` yields for `path` (separator lines + 1), read as bytes."""
+    separator = EOT_TEXT.encode()
+    with open(path, "rb") as f:
+        return 1 + sum(1 for line in f if line.strip() == separator)
+
+
+def _split_stream(texts, count: int, val_fraction: float, seed: int):
+    """Send a seeded random `val_fraction` of `count` documents to validation (at least one when
+    val_fraction > 0 and there are two or more), the rest to train, keeping source order."""
+    is_val = np.zeros(count, dtype=bool)
+    n_val = round(count * val_fraction)
+    if val_fraction > 0 and count >= 2:
+        n_val = min(max(n_val, 1), count - 1)
+        is_val[np.random.default_rng(seed).choice(count, size=n_val, replace=False)] = True
+    for i, text in enumerate(texts):
+        yield ("validation" if is_val[i] else "train"), text
+
+
+def _dataset_documents(dataset: str, column: str, val_fraction: float, seed: int):
+    """(count, documents) of a `datasets.load_dataset` source, using its own validation split if any."""
+    import datasets  # only this source needs it (slow to import)
+
+    local = Path(dataset).exists()
+    try:
+        splits = datasets.load_dataset(dataset)
+    except Exception as e:  # the Hub client raises many kinds (offline, HTTP, not found, bad files)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local:
+            raise SmallmError(f"could not load the dataset at {dataset}: {reason}") from e
+        raise SmallmError(
+            f"could not download {dataset} from the Hugging Face Hub ({reason}); without network, "
+            f"use a local copy: `smallm prepare --text-files TinyStories-train.txt` "
+            f"or `--dataset DIR` (a directory in Hugging Face layout, e.g. DIR/data/train-*.parquet)"
+        ) from e
+    if not isinstance(splits, datasets.DatasetDict):
+        splits = datasets.DatasetDict({"train": splits})
+    train_name = "train" if "train" in splits else (next(iter(splits)) if len(splits) == 1 else None)
+    if train_name is None:
+        raise SmallmError(f"{dataset} has splits {', '.join(splits)} but none named 'train'")
+    val_name = next((name for name in ("validation", "valid", "val") if name in splits), None)
+    for name in filter(None, (train_name, val_name)):
+        if column not in splits[name].column_names:
+            raise SmallmError(
+                f"{dataset} ({name} split) has no column {column!r}; its columns are "
+                f"{', '.join(splits[name].column_names)}: pick one with --column"
+            )
+
+    def texts(name):
+        for batch in splits[name].select_columns([column]).iter(batch_size=1024):
+            yield from batch[column]
+
+    if val_name is None:
+        return len(splits[train_name]), _split_stream(
+            texts(train_name), len(splits[train_name]), val_fraction, seed
+        )
+
+    def both():
+        for text in texts(train_name):
+            yield "train", text
+        for text in texts(val_name):
+            yield "validation", text
+
+    return len(splits[train_name]) + len(splits[val_name]), both()
+
+
+# ---- tokenizing in worker processes --------------------------------------------------------------------
+
+
+def _chunks(documents, chunk_chars=CHUNK_CHARS):
+    """Group (split, text) pairs into lists of about `chunk_chars` characters: one task for a worker."""
+    chunk, size = [], 0
+    for split, text in documents:
+        chunk.append((split, text))
+        size += len(text) if isinstance(text, str) else 0
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class _worker_pool:
+    """`multiprocessing.Pool(workers)` whose workers ignore Ctrl-C (the parent handles it), or None for 1."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            # fork: workers inherit the loaded modules instead of importing them again.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            self.pool = context.Pool(self.workers, initializer=_init_worker)
+        return self.pool
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _init_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    get_tokenizer()  # build it once per worker, in parallel
+
+
+def _encode_chunk(chunk) -> tuple[int, dict]:
+    """(len(chunk), {split: (uint16 ids, documents, UTF-8 bytes)}) for a list of (split, text) pairs."""
+    by_split = {}
+    for split, text in chunk:
+        if not isinstance(text, str):
+            raise SmallmError(f"a document is {type(text).__name__}, not text; check --column")
+        text = text.strip()
+        if text:
+            by_split.setdefault(split, []).append(text)
+    return len(chunk), {split: encode_documents(texts) for split, texts in by_split.items()}
+
+
+def encode_documents(texts: list[str]) -> tuple[np.ndarray, int, int]:
+    """GPT-2 ids of `texts`, each followed by `<|endoftext|>`, as uint16; with the count and UTF-8 bytes.
+
+    Equal to concatenating `encode_ordinary(text) + [50256]`: tiktoken encodes the text between allowed
+    special tokens independently, so one call on the joined texts gives the same ids, only faster.
+    """
+    enc = get_tokenizer()
+    joined = EOT_TEXT.join(texts) + EOT_TEXT
+    n_bytes = len(joined.encode("utf-8")) - len(texts) * len(EOT_TEXT.encode())
+    if any(EOT_TEXT in text for text in texts):  # the literal text must stay ordinary text
+        ids = np.fromiter(
+            (i for text in texts for i in [*enc.encode_ordinary(text), EOT_TOKEN]), dtype=np.uint32
+        )
+    else:
+        ids = enc.encode_to_numpy(joined, allowed_special={EOT_TEXT})
+    return to_uint16(ids), len(texts), n_bytes
+
+
+def to_uint16(ids: np.ndarray) -> np.ndarray:
+    """`ids` as uint16, or a SmallmError naming the first id that does not fit."""
+    too_big = ids > np.iinfo(np.uint16).max
+    if too_big.any():
+        raise SmallmError(
+            f"token id {int(ids[np.argmax(too_big)])} does not fit uint16 (at most 65535); "
+            "this tokenizer needs wider token files"
+        )
+    return ids.astype(np.uint16)
