@@ -27,6 +27,69 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ weight.T against targets, never holding all the logits at once.
+
+    The forward pass goes over chunks of rows: logits (rows, V), log-softmax, the loss, and right away the
+    gradient of the summed loss w.r.t. the logits (softmax - one_hot), turned into the gradients w.r.t. x
+    and weight. Only those two (the size of x and of weight) are kept for backward, which just scales them.
+    Same three matmuls as the straightforward way, but one (rows, V) buffer instead of several (N, V) copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows: int):
+        # x (N, C), weight (V, C), targets (N,) with -1 = ignore
+        N, V = x.size(0), weight.size(0)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dtype = x.dtype  # matmul dtype: the autocast dtype if autocast is on (bf16 on GPU), else x's
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        w = weight.to(dtype)
+        valid = targets != -1  # (N,)
+        n_valid = valid.sum()
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if want_grad else None
+        grad_w = torch.zeros_like(weight) if want_grad else None
+        buf = torch.empty(min(chunk_rows, N), V, dtype=torch.float32, device=x.device)  # reused per chunk
+        for s in range(0, N, chunk_rows):
+            e = min(s + chunk_rows, N)
+            xc, tc, vc = x[s:e].to(dtype), targets[s:e], valid[s:e]
+            logits = buf[: e - s]  # (n, V) float32
+            if dtype == torch.float32:
+                torch.mm(xc, w.t(), out=logits)
+            else:
+                logits.copy_(xc @ w.t())
+            lse = torch.logsumexp(logits, dim=1)  # (n,)
+            tgt = tc.clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows are masked below
+            loss += ((lse - logits.gather(1, tgt).squeeze(1)) * vc).sum()
+            if not want_grad:
+                continue
+            # d(sum of row losses)/d logits = softmax - one_hot(target), zero for ignored rows
+            logits.sub_(lse.unsqueeze(1)).exp_()
+            logits.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, device=x.device))
+            keep = vc.unsqueeze(1).to(dtype)  # (n, 1): masking the (n, C) side is cheaper than (n, V)
+            g = logits if dtype == torch.float32 else logits.to(dtype)
+            grad_x[s:e] = (g @ w) * keep  # (n, C)
+            if dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), xc * keep)  # (V, C), accumulated in place
+            else:
+                grad_w.add_(g.t() @ (xc * keep))
+        ctx.save_for_backward(grad_x, grad_w, n_valid)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_loss / n_valid
+        return grad_x * scale, (grad_w * scale).to(grad_w.dtype), None, None
+
+
+def linear_cross_entropy(x, weight, targets, chunk_rows: int = 1024):
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) for x (N, C), weight (V, C), targets (N,),
+    computed in chunks of rows so the (N, V) logits never exist; gradients flow to x and weight."""
+    return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+
+
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated to block_size."""
 
@@ -156,12 +219,14 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, return_logits: bool = True):
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits for every position (B, T, V) and the mean cross-entropy (targets of -1
         are ignored). Without: logits of the last position only (B, 1, V), loss None.
         With a kv_cache, idx continues the cached positions and the cache advances by T.
+        With targets and return_logits=False: (None, loss), computed chunk by chunk without ever holding
+        the (B*T, V) logits (see linear_cross_entropy); the same loss and gradients, faster, far less memory.
         """
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.pos
@@ -178,6 +243,8 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the next token is needed
+        if not return_logits:
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss

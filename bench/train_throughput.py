@@ -1,0 +1,294 @@
+"""Training throughput: smallm's GPT vs transformers.GPT2LMHeadModel of the same shape, in the same run.
+
+Each model trains in its own subprocess (so peak RSS is that model's alone) for a few whole steps: batch
+fetch from a uint16 memmap, forward, backward, clip 0.5, AdamW (lr 1e-4, betas 0.9/0.95, weight decay 0.1
+on matrices), zero_grad. We print the median tokens/s after warm-up, the ratio to the peer, peak memory
+(RSS on CPU, max_memory_allocated on CUDA) and the physical floor (6 x params x tokens FLOPs against the
+measured matmul rate on CPU, the card's bf16 peak on CUDA, i.e. MFU).
+
+    flock /tmp/smallm-bench.lock python bench/train_throughput.py              # CPU, seed shape, 32 x 128
+    python bench/train_throughput.py --device cuda --batch-size 64 --compile   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(); first match wins.
+GPU_BF16_PEAK = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / NVL
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+    ("V100", 125e12),  # fp16; V100 has no bf16
+]
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    for key, peak in GPU_BF16_PEAK:
+        if key in name:
+            return peak
+    return None
+
+
+def make_data(path: Path, tokens: int, vocab: int, seed: int = 0) -> None:
+    """A flat uint16 token file, like `smallm prepare` writes."""
+    rng = np.random.default_rng(seed)
+    rng.integers(0, vocab, size=tokens, dtype=np.uint16).tofile(path)
+
+
+def get_batch(path: Path, step: int, batch_size: int, block_size: int, device: str):
+    """nanoGPT-style: random windows from a memmap re-opened per call; y is x shifted by one."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    ix = np.random.default_rng([1337, step]).integers(0, len(data) - block_size - 1, size=batch_size)
+    x = torch.from_numpy(np.stack([data[i : i + block_size].astype(np.int64) for i in ix]))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size].astype(np.int64) for i in ix]))
+    if device == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+def param_groups(model, weight_decay: float):
+    """Weight decay on matrices (dim >= 2) only, as smallm's training does; same for both models."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+# ---- one model, in its own process ------------------------------------------------------------------------
+
+
+def worker(args) -> None:
+    from smallm import GPTConfig
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    cfg = GPTConfig(block_size=args.block_size, dropout=args.dropout)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
+    if args.model == "ours":
+        from smallm.model import GPT
+
+        model = GPT(cfg)
+        n_params = model.num_params()
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf_cfg = GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.block_size,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            activation_function="gelu",
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+        )
+        hf_cfg._attn_implementation = "sdpa"
+        model = GPT2LMHeadModel(hf_cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+    model.to(device).train()
+
+    fused = args.fused if args.model == "ours" else None  # the peer gets torch's default AdamW
+    opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.95))
+    if fused == "fused":
+        opt_kwargs["fused"] = True
+    elif fused == "foreach":
+        opt_kwargs["foreach"] = True
+    elif fused == "loop":
+        opt_kwargs["foreach"] = False
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), **opt_kwargs)
+    step_model = model
+    if args.compile:
+        step_model = torch.compile(model)
+
+    def loss_of(x, y):
+        if args.model == "ours":
+            if args.loss == "full":
+                _, loss = step_model(x, y)
+            else:
+                _, loss = step_model(x, y, return_logits=False)
+            return loss
+        return step_model(input_ids=x, labels=x).loss  # HF shifts the labels itself
+
+    # Lockstep with the parent: one step per "step" line on stdin, its time as a JSON line on stdout, so
+    # the two models' steps alternate and load from other processes hits both alike.
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    print(json.dumps({"ready": True, "params": n_params}), flush=True)
+    step = 0
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x, y = get_batch(Path(args.data), step, args.batch_size, args.block_size, device)
+        with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_of(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        print(json.dumps({"step_s": dt, "loss": loss.item()}), flush=True)
+        step += 1
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
+    print(json.dumps({"peak_bytes": peak, "threads": torch.get_num_threads()}), flush=True)
+
+
+# ---- the parent: run both, print the table ----------------------------------------------------------------
+
+
+def matmul_gflops(device: str) -> float:
+    """fp32 matmul rate of the head's shape (4096 x 384) @ (384 x 50257); best of a few."""
+    a = torch.randn(4096, 384, device=device)
+    b = torch.randn(384, 50257, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * 384 * 50257 / best / 1e9
+
+
+def start_worker(args, model: str, data: Path) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--worker", model, "--data", str(data)]
+    for flag in ("device", "batch_size", "block_size", "dropout", "threads", "dtype"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    cmd += ["--loss", args.loss, "--fused", args.fused] + (["--compile"] if args.compile else [])
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
+def ask(proc: subprocess.Popen, line: str) -> dict:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    reply = proc.stdout.readline()
+    if not reply:
+        raise SystemExit(f"worker exited early (code {proc.wait()})")
+    return json.loads(reply)
+
+
+def run_lockstep(args, models: list[str], data: Path) -> dict:
+    """Start one process per model, then alternate their steps; medians of the timed ones."""
+    procs = {m: start_worker(args, m, data) for m in models}
+    results = {}
+    for m, proc in procs.items():
+        results[m] = {"params": json.loads(proc.stdout.readline())["params"], "times": []}
+    for step in range(args.warmup + args.steps):
+        for m, proc in procs.items():
+            r = ask(proc, "step")
+            print(f"  [{m}] step {step}: {r['step_s']:.3f}s loss {r['loss']:.4f}", file=sys.stderr)
+            if step >= args.warmup:
+                results[m]["times"].append(r["step_s"])
+    for m, proc in procs.items():
+        results[m].update(ask(proc, "done"))
+        proc.wait()
+        results[m]["step_s"] = statistics.median(results[m]["times"])
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3, help="steps not timed")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (both models)")
+    p.add_argument("--loss", default="chunked", choices=["chunked", "full"], help="ours: loss path")
+    p.add_argument("--fused", default="fused", choices=["fused", "foreach", "loop"], help="ours: AdamW impl")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--models", default="ours,hf", help="comma-separated subset of ours,hf")
+    p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.model = args.worker
+        worker(args)
+        return
+
+    tokens = args.batch_size * args.block_size
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train.bin"
+        make_data(data, 2_000_000, 50257)
+        results = run_lockstep(args, args.models.split(","), data)
+
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = gpu_peak_flops(name)
+        rate_note = f"{name}, bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else f"{name}, peak unknown"
+        mem_label = "peak CUDA mem"
+    else:
+        peak = matmul_gflops("cpu") * 1e9
+        rate_note = f"fp32 matmul {peak / 1e9:.0f} GFLOP/s measured, {torch.get_num_threads()} threads"
+        mem_label = "peak RSS"
+    print(
+        f"device {args.device} ({rate_note}); batch {args.batch_size} x {args.block_size}; "
+        f"dtype {args.dtype}; "
+        f"ours: loss {args.loss}, AdamW {args.fused}{', compiled' if args.compile else ''}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    base = results.get("hf")
+    print(
+        f"{'model':<8}{'params':>8}{'s/step':>9}{'tokens/s':>10}{'ratio':>7}{mem_label:>15}{'ratio':>7}"
+        f"{'util':>7}"
+    )
+    for m, r in results.items():
+        tps = tokens / r["step_s"]
+        flops = 6 * r["params"] * tokens
+        util = flops / r["step_s"] / peak
+        ratio = f"{(base['step_s'] / r['step_s']):.2f}x" if base else "-"
+        mratio = f"{r['peak_bytes'] / base['peak_bytes']:.2f}" if base else "-"
+        print(
+            f"{m:<8}{r['params'] / 1e6:>7.1f}M{r['step_s']:>9.3f}{tps:>10.0f}{ratio:>7}"
+            f"{r['peak_bytes'] / 2**30:>13.2f}GB{mratio:>7}{util:>7.0%}"
+        )
+    ours = results.get("ours")
+    if ours:
+        flops = 6 * ours["params"] * tokens
+        floor = flops / peak
+        print(
+            f"floor: 6 x {ours['params'] / 1e6:.1f}M params x {tokens} tokens = {flops / 1e12:.2f} TFLOP/step"
+            " "
+            f"-> {floor:.2f} s/step = {tokens / floor:.0f} tokens/s at the measured/peak rate "
+            f"({'MFU' if args.device == 'cuda' else 'share of the matmul rate'}: the util column)"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

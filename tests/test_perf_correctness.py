@@ -1,0 +1,98 @@
+"""The fast training loss (chunked linear + cross-entropy) equals the straightforward computation."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from smallm.model import GPT, linear_cross_entropy
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _assert_close_grads(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+
+
+def test_linear_cross_entropy_equals_f_cross_entropy_with_ignored_targets():
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (37,))
+    targets[::5] = -1
+    ref = F.cross_entropy(x @ w.t(), targets, ignore_index=-1)
+    ref.backward()
+    ref_gx, ref_gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    for chunk_rows in (1, 8, 37, 1000):  # uneven last chunk, one chunk, chunk larger than N
+        loss = linear_cross_entropy(x, w, targets, chunk_rows=chunk_rows)
+        (2.5 * loss).backward()  # an upstream gradient other than 1 is applied too
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad, 2.5 * ref_gx, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(w.grad, 2.5 * ref_gw, rtol=1e-5, atol=1e-7)
+        x.grad = w.grad = None
+
+
+def test_linear_cross_entropy_all_ignored_is_nan_like_f_cross_entropy():
+    x = torch.randn(4, 8)
+    w = torch.randn(10, 8)
+    targets = torch.full((4,), -1)
+    assert torch.isnan(F.cross_entropy(x @ w.t(), targets, ignore_index=-1))
+    assert torch.isnan(linear_cross_entropy(x, w, targets))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_forward_without_logits_matches_full_logits_loss_and_all_gradients(small_config, dropout):
+    small_config.dropout = dropout
+    model = GPT(small_config)
+    idx = torch.randint(0, small_config.vocab_size, (3, small_config.block_size))
+    targets = torch.randint(0, small_config.vocab_size, (3, small_config.block_size))
+    targets[0, :7] = -1
+    targets[2, -1] = -1
+
+    torch.manual_seed(1)  # the same dropout masks for both passes
+    logits, loss = model(idx, targets)
+    loss.backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(1)
+    none, fast_loss = model(idx, targets, return_logits=False)
+    fast_loss.backward()
+    assert none is None
+    assert logits.shape == (3, small_config.block_size, small_config.vocab_size)
+    torch.testing.assert_close(fast_loss, loss, rtol=1e-6, atol=1e-6)
+    _assert_close_grads(_grads(model), ref)
+
+
+def test_forward_default_still_returns_full_logits_and_the_plain_loss(small_config):
+    model = GPT(small_config).eval()
+    idx = torch.randint(0, small_config.vocab_size, (2, 9))
+    targets = torch.randint(0, small_config.vocab_size, (2, 9))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 9, small_config.vocab_size)
+    expected = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_loss_without_logits_under_no_grad_matches(small_config):
+    model = GPT(small_config).eval()
+    idx = torch.randint(0, small_config.vocab_size, (2, 16))
+    targets = torch.randint(0, small_config.vocab_size, (2, 16))
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+        _, fast = model(idx, targets, return_logits=False)
+    torch.testing.assert_close(fast, loss, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_without_logits_under_bf16_autocast_is_close(small_config):
+    model = GPT(small_config).eval()
+    idx = torch.randint(0, small_config.vocab_size, (2, 16))
+    targets = torch.randint(0, small_config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, targets)
+        _, fast = model(idx, targets, return_logits=False)
+    torch.testing.assert_close(fast.float(), loss.float(), rtol=1e-2, atol=1e-2)
