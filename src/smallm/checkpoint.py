@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -94,3 +95,75 @@ def load_model(directory, device="cpu"):
     except SmallmError as e:
         raise SmallmError(f"{weights}: {e}") from e
     return model.to(device)
+
+
+# ---- training state: what `smallm train --resume` needs, beside the model --------------------------------
+
+OPTIMIZER = "optimizer.safetensors"  # per-parameter optimizer tensors, keyed "<param index>.<name>"
+RNG = "rng.safetensors"  # torch generator states as uint8 tensors
+TRAINING_STATE = "state.json"  # step, tokens, best val loss, grad scaler, optimizer hyperparameters, ...
+DEVICE_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how the optimizer runs, not state
+
+
+def save_training_state(directory, model, optimizer, state: dict, extra_config: dict | None = None) -> None:
+    """Write the model (as save_model does), the optimizer, torch's RNG states and `state` (JSON-able
+    scalars) into `directory`, atomically: a reader sees the old checkpoint or the new one, never a mix."""
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights.pop("lm_head.weight", None)  # tied to the embedding: stored once
+    config = {**model.config.to_dict(), "tokenizer": "gpt2", **(extra_config or {})}
+    optimizer_state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, param_state in optimizer_state["state"].items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, state bytes)
+    groups = [{k: v for k, v in g.items() if k not in DEVICE_KEYS} for g in optimizer_state["param_groups"]]
+    with atomic_directory(directory) as tmp:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_json(tmp / CONFIG, config)
+        save_file(tensors, str(tmp / OPTIMIZER))
+        save_file(rng, str(tmp / RNG))
+        write_json(tmp / TRAINING_STATE, {**state, "optimizer": {"param_groups": groups, "scalars": scalars}})
+
+
+def load_training_state(directory, model, optimizer, device="cpu") -> dict:
+    """Load what save_training_state wrote into `model` and `optimizer`, restore torch's RNG states, and
+    return the `state` dict. Raises SmallmError if a file is missing or does not fit."""
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG, OPTIMIZER, RNG, TRAINING_STATE):
+        if not (directory / name).is_file():
+            raise SmallmError(f"{directory / name} is missing; {directory} is not a complete training state")
+    state = read_json(directory / TRAINING_STATE)
+    try:
+        weights = load_file(str(directory / WEIGHTS), device=str(device))
+        tensors = load_file(str(directory / OPTIMIZER), device=str(device))
+        rng = load_file(str(directory / RNG))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SmallmError(f"{directory} cannot be read ({e}); the checkpoint is corrupt") from e
+    model.load_state_dict(weights)  # raises SmallmError when the shapes differ
+
+    saved = state.pop("optimizer")
+    per_param = {}
+    for key, value in [*tensors.items(), *saved["scalars"].items()]:
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    current = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in current] != [len(g["params"]) for g in saved["param_groups"]]:
+        raise SmallmError(f"{directory / OPTIMIZER} does not fit this model's parameters")
+    groups = []
+    for now, then in zip(current, saved["param_groups"], strict=True):
+        group = {**then, **{k: now[k] for k in DEVICE_KEYS if k in now}, "params": now["params"]}
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])  # JSON made the tuple a list
+        groups.append(group)
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    return state

@@ -16,8 +16,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`smallm train: error: ...`, exit 2) instead of a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="smallm",
         description="Train a small GPT on TinyStories, then sample, evaluate, export and serve it.",
         formatter_class=_Formatter,
@@ -147,5 +154,68 @@ def run_prepare(args):
         )
 
 
+def add_train(sub):
+    from smallm.train_config import FIELDS, PRESETS
+
+    p = sub.add_parser(
+        "train",
+        help="train a GPT on prepared data (the seed recipe by default)",
+        description="Train on a `smallm prepare` directory. The config is a preset, then --config FILE.yaml, "
+        "then the field flags, each on top of the last. Writes RUN/config.yaml, metrics.jsonl, loss.png, "
+        "best/ and last/. Ctrl-C saves last/; --resume continues from it. Under torchrun it trains with DDP.",
+        formatter_class=_Formatter,
+    )
+    keep_out = argparse.SUPPRESS  # absent from args unless given (the help says the real default)
+    p.add_argument("--data", default=keep_out, help="prepared data (default: data/tinystories, or the run's)")
+    p.add_argument("--out", default=keep_out, help="run directory (default: runs/<timestamp> + runs/latest)")
+    p.add_argument("--preset", default=keep_out, help=f"named config: {', '.join(PRESETS)} (default: seed)")
+    p.add_argument("--config", metavar="FILE.yaml", default=keep_out, help="YAML mapping of config fields")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last/")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    fields = p.add_argument_group("config fields (dashes or underscores; seed values shown)")
+    for name, f in FIELDS.items():
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        kind = f.type.split()[0]  # "int", "float", "bool", "str"
+        extra = dict(metavar=kind.upper())
+        if kind == "bool":
+            extra = dict(nargs="?", const="true", metavar="BOOL")  # `--compile` alone means true
+        seed = "max_iters" if name == "lr_decay_iters" else f.default
+        help = f"{f.metadata['help']} [seed: {seed}]"
+        fields.add_argument(*flags, dest=name, default=keep_out, help=help, **extra)
+    p.set_defaults(run=run_train)
+
+
+def run_train(args):
+    import os
+
+    from smallm.train_config import FIELDS, build_config, config_to_yaml, resume_config
+
+    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    data, out = getattr(args, "data", None), getattr(args, "out", None)
+    preset, config_file = getattr(args, "preset", None), getattr(args, "config", None)
+    if args.resume:
+        if out is None:
+            raise SmallmError("--resume needs --out RUN, the run to continue")
+        if preset or config_file:
+            raise SmallmError("--resume continues with the run's saved config; drop --preset/--config")
+        config, saved_data = resume_config(out, overrides)
+        data = data or saved_data
+    else:
+        config = build_config(preset or "seed", config_file, overrides)
+        data = data or "data/tinystories"
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
+
+    from smallm.train import train
+
+    result = train(config, data, out, resume=args.resume)
+    if result["interrupted"]:
+        return 130
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+        print(f"done: {result['step']} steps, val loss {result['val_loss']:.4f} in {result['out_dir']}")
+    return 0
+
+
 # keep this list last, in the order: prepare, train, generate, eval, export, serve
-VERBS = [add_prepare, add_export, add_serve]
+VERBS = [add_prepare, add_train, add_export, add_serve]

@@ -1,0 +1,432 @@
+"""Training: one loop from disk to loss, on one device or many, resumable.
+
+The config and its presets live in smallm.train_config (re-exported here). Read top to bottom: the
+learning-rate schedule and the optimizer, evaluation, devices, then `train`: setup (processes, device, precision), model, data, the loop (accumulate, clip, step, log,
+evaluate, checkpoint) and its three exits (finished, interrupted, loss not finite).
+
+Under `torchrun` the same code trains with DistributedDataParallel: every rank runs this file, gradient
+accumulation is divided across ranks so the global batch is unchanged, and only rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from smallm.checkpoint import load_training_state, save_model, save_training_state
+from smallm.data import Batches, read_meta
+from smallm.errors import SmallmError
+from smallm.model import GPT
+from smallm.train_config import (  # noqa: F401  (re-exported: smallm.train.TrainConfig etc.)
+    FIELDS,
+    PRESETS,
+    SHAPE_FIELDS,
+    TrainConfig,
+    build_config,
+    config_to_yaml,
+    read_config_file,
+    resume_config,
+)
+
+# ---- schedule and optimizer ----------------------------------------------------------------------------
+
+
+def get_lr(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then flat."""
+    if step < config.warmup_iters:
+        return config.learning_rate * (step + 1) / config.warmup_iters
+    if step >= config.lr_decay_iters:
+        return config.min_lr
+    progress = (step - config.warmup_iters) / (config.lr_decay_iters - config.warmup_iters)  # 0 -> 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return config.min_lr + coeff * (config.learning_rate - config.min_lr)
+
+
+def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str):
+    """AdamW with weight decay on matrices (>= 2-D: Linear weights, embeddings) and none on biases and
+    LayerNorm gains; PyTorch's fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied head/embedding counted once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    betas = (config.beta1, config.beta2)
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused)
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def estimate_loss(model, readers: dict, eval_iters: int, autocast, rank: int = 0, world_size: int = 1):
+    """Mean loss over batches 0..eval_iters-1 of each reader: the same batches at every call, whatever
+    the number of ranks (rank r evaluates batches r, r + world_size, ...)."""
+    model.eval()
+    losses = {}
+    for split, reader in readers.items():
+        total = torch.zeros((), device=reader.device)
+        for k in range(rank, eval_iters, world_size):
+            x, y = reader.get(k)
+            with autocast:
+                _, loss = model(x, y)
+            total += loss.float()
+        if world_size > 1:
+            torch.distributed.all_reduce(total)
+        losses[split] = total.item() / eval_iters
+    model.train()
+    return losses
+
+
+# ---- devices, precision, processes ------------------------------------------------------------------------
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """cuda > mps > cpu for "auto"; under torchrun each rank takes the GPU of its local rank."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SmallmError(f"device {requested!r} was asked for but CUDA is not available; use --device cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise SmallmError("device 'mps' was asked for but MPS is not available; use --device cpu")
+    if requested == "cuda":
+        requested = f"cuda:{local_rank}"
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> str:
+    """bf16 autocast where the GPU has it, else fp16 (with a grad scaler); fp32 on CPU and MPS unless told."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+# Dense bf16 peak FLOP/s for MFU; GPUs not listed get no MFU figure.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def new_run_dir(runs: Path = Path("runs")) -> Path:
+    """runs/<timestamp> (not created), a new name even if two runs start in the same second."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, n = runs / stamp, 1
+    while out.exists():
+        n += 1
+        out = runs / f"{stamp}-{n}"
+    return out
+
+
+def point_latest(out_dir: Path) -> None:
+    """Make runs/latest a symlink to out_dir (atomically replaced)."""
+    link = out_dir.parent / "latest"
+    tmp = out_dir.parent / f".latest.tmp-{os.getpid()}"
+    with contextlib.suppress(OSError):  # e.g. filesystems without symlinks: the run itself is fine
+        os.symlink(out_dir.name, tmp)
+        os.replace(tmp, link)
+
+
+def rewrite_metrics(path: Path, last_step: int) -> None:
+    """Keep only the metrics rows up to `last_step` (rows a killed run wrote after its checkpoint go)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig, data_dir="data/tinystories", out_dir=None, resume=False, progress=True
+) -> dict:
+    """Train per `config` on the prepared data in `data_dir`, writing the run into `out_dir`.
+
+    out_dir None: runs/<timestamp>, with runs/latest pointing at it. resume: continue from out_dir/last/.
+    Returns the final metrics (step, tokens, val_loss, train_loss, best_val_loss, elapsed, interrupted).
+    """
+    # ---- processes: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE -----------------------------------
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if config.gradient_accumulation_steps % world_size != 0:
+        raise SmallmError(
+            f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be divisible by the "
+            f"number of processes ({world_size}) so that the global batch stays the same"
+        )
+
+    # ---- checks that read only (every rank, before any process waits on another) -----------------
+    device = pick_device(config.device, local_rank)
+    dtype = pick_dtype(config.dtype, device)
+    meta = read_meta(data_dir)
+    if meta.get("tokenizer", "gpt2") != "gpt2":
+        raise SmallmError(
+            f"{data_dir} was tokenized with {meta['tokenizer']!r}; smallm trains on 'gpt2' data"
+        )
+    new_run = out_dir is None
+    out_dir = new_run_dir() if new_run else Path(out_dir)
+    if resume and not (out_dir / "last" / "state.json").is_file():
+        raise SmallmError(f"nothing to resume in {out_dir}: {out_dir}/last/state.json is missing")
+    if not resume and (out_dir / "config.yaml").exists():
+        raise SmallmError(
+            f"{out_dir} already holds a run; add --resume to continue it, or pick another --out"
+        )
+
+    if ddp:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train_loop(config, data_dir, out_dir, resume, progress, new_run, meta, device, dtype)
+    finally:
+        if ddp:
+            torch.distributed.destroy_process_group()
+
+
+def _train_loop(config, data_dir, out_dir: Path, resume, progress, new_run, meta, device, dtype) -> dict:
+    """The body of `train`, once the checks have passed and the processes have met."""
+    ddp = torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if ddp else 0
+    world_size = torch.distributed.get_world_size() if ddp else 1
+    master = rank == 0  # only rank 0 logs and writes
+    accum = config.gradient_accumulation_steps // world_size  # micro-steps per rank
+    last_dir, best_dir = out_dir / "last", out_dir / "best"
+    metrics_path = out_dir / "metrics.jsonl"
+    device_type = device.type
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ (no effect elsewhere)
+    torch.backends.cudnn.allow_tf32 = True
+    autocast = (
+        contextlib.nullcontext()
+        if dtype == "float32"
+        else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+    )
+
+    # ---- model and optimizer (same init on every rank; DDP also broadcasts it) ----------------------
+    torch.manual_seed(config.seed)
+    raw_model = GPT(config.model_config(meta.get("vocab_size", 50257))).to(device)
+    optimizer = configure_optimizer(raw_model, config, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    step, tokens, elapsed_before, best_val_loss = 0, 0, 0.0, float("inf")
+    if resume:
+        state = load_training_state(last_dir, raw_model, optimizer, device)
+        if state.get("data_tokens") not in (None, meta["splits"]["train"]["tokens"]):
+            raise SmallmError(
+                f"{data_dir} has {meta['splits']['train']['tokens']:,} training tokens but the run in "
+                f"{out_dir} trained on {state['data_tokens']:,}; pass the run's own --data"
+            )
+        step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    model = torch.compile(raw_model) if config.compile else raw_model
+    train_model = model
+    if ddp:
+        device_ids = [device.index] if device_type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    # ---- data: batches are a function of (seed, step), so the data position is just `step` ------------
+    batches = Batches(data_dir, "train", config.batch_size, config.block_size, seed=config.seed,
+                      rank=rank, world_size=world_size, accum_steps=accum, device=device)  # fmt: skip
+    eval_readers = {  # fixed batches (another seed than training's), comparable across evaluations
+        split: Batches(
+            data_dir, split, config.batch_size, config.block_size, seed=config.seed + 1, device=device
+        )
+        for split in ("train", "validation")
+    }
+    tokens_per_step = config.batch_size * config.block_size * config.gradient_accumulation_steps
+    flops_per_token = 6 * raw_model.num_params() + 12 * config.n_layer * config.n_embd * config.block_size
+    peak = peak_flops(device)
+
+    # ---- the run directory ---------------------------------------------------------------------------------
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if new_run:
+            point_latest(out_dir)
+        preset_note = {"data_dir": str(data_dir)}
+        (out_dir / "config.yaml").write_text(config_to_yaml(config, **preset_note))
+        if resume:
+            rewrite_metrics(metrics_path, step)
+    log = (lambda msg: tqdm.write(msg)) if master else (lambda msg: None)
+
+    def write_row(row: dict) -> None:
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_last(step: int) -> None:
+        if master:
+            state = dict(
+                step=step,
+                tokens=tokens,
+                elapsed=elapsed_before + time.time() - t_start,
+                best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
+                scaler=scaler.state_dict(),
+                data_tokens=meta["splits"]["train"]["tokens"],
+                world_size=world_size,
+            )
+            save_training_state(last_dir, raw_model, optimizer, state, extra_config={"step": step})
+
+    def evaluate_and_checkpoint(step: int) -> dict:
+        nonlocal best_val_loss, t_last
+        losses = estimate_loss(model, eval_readers, config.eval_iters, autocast, rank, world_size)
+        val_loss, train_loss = losses["validation"], losses["train"]
+        elapsed = elapsed_before + time.time() - t_start
+        log(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        if not math.isfinite(val_loss):
+            raise SmallmError(_not_finite(f"validation loss is {val_loss}", step, last_dir))
+        write_row(
+            dict(
+                step=step, tokens=tokens, elapsed=round(elapsed, 3), val_loss=val_loss, train_loss=train_loss
+            )
+        )
+        if val_loss < best_val_loss:
+            best_val_loss = val_loss
+            if master:
+                save_model(raw_model, best_dir, extra_config={"step": step, "val_loss": val_loss})
+        save_last(step)
+        if master:
+            from smallm.plot import plot_losses
+
+            plot_losses(metrics_path, out_dir / "loss.png")
+        t_last = time.time()  # tokens/s leaves evaluation time out
+        return losses
+
+    # ---- Ctrl-C / SIGTERM: finish the step, save last/, return -------------------------------------------
+    stop_signal = None
+
+    def request_stop(signum, frame):  # only sets a flag: printing inside a signal handler is unsafe
+        nonlocal stop_signal
+        if stop_signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: quit now (last/ keeps its previous state)
+        stop_signal = stop_signal or signum
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    if master:
+        n = raw_model.num_params()
+        log(f"{'resuming' if resume else 'training'} {n / 1e6:.1f}M parameters in {out_dir} on {device} "
+            f"({dtype}, {world_size} process{'es' if world_size > 1 else ''}), "
+            f"{tokens_per_step:,} tokens/step, steps {step}..{config.max_iters}")  # fmt: skip
+    bar = tqdm(total=config.max_iters, initial=step, disable=not (master and progress), unit="step",
+               dynamic_ncols=True)  # fmt: skip
+    t_start = t_last = time.time()
+    tokens_at_last_log = tokens
+    losses = {}
+    try:
+        if step == 0:
+            losses = evaluate_and_checkpoint(0)
+        while step < config.max_iters:
+            # ---- one optimizer step: accumulate gradients over `accum` micro-batches -------------------
+            lr = get_lr(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones
+            torch.manual_seed(int(np.random.SeedSequence([config.seed, step, rank]).generate_state(1)[0]))
+            step_loss = torch.zeros((), device=device)
+            x, y = batches.get(step, 0)
+            for micro_step in range(accum):
+                last_micro = micro_step == accum - 1
+                # DDP averages gradients across ranks only on the last micro-step
+                no_sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
+                with no_sync:
+                    with autocast:
+                        _, loss = train_model(x, y)
+                        loss = loss / accum  # the mean over all micro-batches
+                    if not last_micro:
+                        x, y = batches.get(step, micro_step + 1)  # read the next batch while the GPU works
+                    scaler.scale(loss).backward()
+                step_loss += loss.detach().float()
+            # every rank learns the mean loss and whether any rank was asked to stop
+            status = torch.stack([step_loss, torch.tensor(float(stop_signal is not None), device=device)])
+            if ddp:
+                torch.distributed.all_reduce(status)
+            loss_value, stop = status[0].item() / world_size, status[1].item() > 0
+            if not math.isfinite(loss_value):
+                raise SmallmError(_not_finite(f"training loss is {loss_value}", step, last_dir))
+            if config.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            bar.update(1)
+
+            # ---- log, evaluate, checkpoint ----------------------------------------------------------
+            if step % config.log_interval == 0 or step == config.max_iters:
+                now = time.time()
+                tokens_per_sec = (tokens - tokens_at_last_log) / max(now - t_last, 1e-9)
+                row = dict(step=step, tokens=tokens, elapsed=round(elapsed_before + now - t_start, 3),
+                           loss=loss_value, lr=lr, tokens_per_sec=round(tokens_per_sec, 1))  # fmt: skip
+                if peak is not None:
+                    row["mfu"] = round(flops_per_token * tokens_per_sec / world_size / peak, 4)
+                write_row(row)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                t_last, tokens_at_last_log = now, tokens
+            if step % config.eval_interval == 0 or step == config.max_iters:
+                losses = evaluate_and_checkpoint(step)
+            elif stop:
+                save_last(step)
+            if stop:
+                log(f"stopped at step {step} on request; {last_dir} holds everything needed to continue:\n"
+                    f"  smallm train --out {out_dir} --resume")  # fmt: skip
+                break
+    finally:
+        bar.close()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+    return dict(
+        step=step,
+        tokens=tokens,
+        val_loss=losses.get("validation"),
+        train_loss=losses.get("train"),
+        best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
+        elapsed=elapsed_before + time.time() - t_start,
+        interrupted=step < config.max_iters,
+        out_dir=str(out_dir),
+    )
+
+
+def _not_finite(what: str, step: int, last_dir: Path) -> str:
+    kept = (
+        f"{last_dir} keeps the last good checkpoint"
+        if (last_dir / "state.json").is_file()
+        else "nothing saved"
+    )
+    return (
+        f"{what} at step {step}: training stopped ({kept}); lower --learning-rate or try --dtype float32, "
+        "then resume or start again"
+    )

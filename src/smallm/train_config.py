@@ -1,0 +1,208 @@
+"""The training config: a typed dataclass with nanoGPT's field names, named presets, YAML files and flags.
+
+Kept apart from the loop (smallm.train) so that reading or printing a config never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from smallm.config import GPTConfig
+from smallm.errors import SmallmError
+
+# ---- the config ----------------------------------------------------------------------------------------
+
+
+def _field(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on, with nanoGPT's names. The defaults are the `seed` recipe.
+
+    Tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps (for any number of
+    DDP ranks: the accumulation steps are divided among them).
+    """
+
+    # model (the vocabulary is GPT-2's, from the prepared data)
+    n_layer: int = _field(6, "transformer blocks")
+    n_head: int = _field(6, "attention heads")
+    n_embd: int = _field(384, "embedding width")
+    block_size: int = _field(128, "context length in tokens")
+    dropout: float = _field(0.1, "dropout probability")
+    bias: bool = _field(True, "biases in Linear and LayerNorm layers")
+    # batch and length
+    batch_size: int = _field(32, "sequences per micro-batch")
+    gradient_accumulation_steps: int = _field(32, "micro-batches per optimizer step (all ranks together)")
+    max_iters: int = _field(20_000, "optimizer steps to train for")
+    # AdamW
+    learning_rate: float = _field(1e-4, "peak learning rate")
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    grad_clip: float = _field(0.5, "clip the gradient norm to this (0 turns clipping off)")
+    # schedule: linear warmup, then cosine down to min_lr at lr_decay_iters, then flat
+    warmup_iters: int = _field(1_000, "linear warmup steps")
+    lr_decay_iters: int | None = _field(None, "step where the cosine reaches min_lr (default: max_iters)")
+    min_lr: float = _field(1e-5, "learning-rate floor, below learning_rate")
+    # evaluation and logging
+    eval_interval: int = _field(500, "evaluate and checkpoint every this many steps")
+    eval_iters: int = _field(200, "batches per evaluation (the same batches every time)")
+    log_interval: int = _field(10, "write a metrics row every this many steps")
+    # system
+    device: str = _field("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = _field("auto", "auto (bf16, else fp16 on GPU; fp32 on CPU), float32, bfloat16, float16")
+    compile: bool = _field(False, "torch.compile the model")
+    seed: int = _field(1337, "seed for initialization, data order and dropout")
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.max_iters
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps")
+        positive += ("max_iters", "eval_interval", "eval_iters", "log_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SmallmError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                raise SmallmError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.learning_rate:
+            raise SmallmError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not self.min_lr < self.learning_rate:
+            raise SmallmError(
+                f"min_lr ({self.min_lr}) must be below learning_rate ({self.learning_rate}): the cosine "
+                "decays from the peak down to the floor"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SmallmError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SmallmError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise SmallmError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        self.model_config()  # n_embd % n_head, dropout range, ...
+
+    def model_config(self, vocab_size: int = 50257) -> GPTConfig:
+        names = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+        return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # fixed once a run has weights
+
+# Presets are overrides of the dataclass defaults, which are the seed recipe.
+PRESETS = {
+    # The seed document: 32 x 32 x 128 = 131,072 tokens per step, 20,000 steps (2.6B tokens), AdamW 1e-4,
+    # 1,000 warmup steps, cosine down to 1e-5.
+    "seed": {},
+    # A smoke run for a laptop CPU: 0.8M parameters besides the 6.4M embedding; learns in 60 steps.
+    "tiny": dict(
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=64,
+        dropout=0.0,
+        batch_size=16,
+        gradient_accumulation_steps=1,
+        max_iters=2_000,
+        learning_rate=2e-3,
+        min_lr=2e-4,
+        warmup_iters=10,
+        eval_interval=100,
+        eval_iters=10,
+        log_interval=10,
+    ),
+}
+
+
+def _coerce(name: str, value):
+    """A config value from YAML or a flag (often a string) as the field's type, or a one-line error."""
+    kind = FIELDS[name].type  # a string: "int", "float", "bool", "str", "int | None"
+    if value is None and "None" in kind:
+        return None
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+        elif kind.startswith("int"):
+            if isinstance(value, str):
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            if not isinstance(value, bool) and float(value).is_integer():
+                return int(value)
+        elif kind == "float":
+            if not isinstance(value, bool):
+                return float(value)
+        elif kind == "str" and isinstance(value, str):
+            return value
+    except (TypeError, ValueError, OverflowError):
+        pass
+    what = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+    raise SmallmError(f"config field {name} must be {what[kind.split()[0]]}, got {value!r}")
+
+
+def build_config(preset: str = "seed", config_file=None, overrides: dict | None = None) -> TrainConfig:
+    """The resolved config: a preset, then a YAML file, then `overrides` (e.g. flags), each on top."""
+    if preset not in PRESETS:
+        raise SmallmError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    values.update(overrides or {})
+    return TrainConfig(**values)
+
+
+def read_config_file(path) -> dict:
+    """Config fields from a YAML mapping. A run's config.yaml works too (its bookkeeping keys are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SmallmError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SmallmError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SmallmError(f"{path} must hold a mapping of config fields, not {type(values).__name__}")
+    values = {k: v for k, v in values.items() if k not in RUN_KEYS}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise SmallmError(f"{path}: unknown config field(s) {', '.join(map(str, unknown))}")
+    return values
+
+
+RUN_KEYS = ("preset", "data_dir")  # written into RUN/config.yaml next to the fields, for the record
+
+
+def config_to_yaml(config: TrainConfig, **extra) -> str:
+    return yaml.safe_dump({**config.to_dict(), **extra}, sort_keys=False)
+
+
+def resume_config(out_dir, overrides: dict | None = None) -> tuple[TrainConfig, str]:
+    """The config of the run in `out_dir` (its config.yaml) with `overrides` on top, and its data directory.
+
+    Fields that fix the model's shape cannot change; anything else may (`max_iters` to extend a run).
+    """
+    path = Path(out_dir) / "config.yaml"
+    if not path.is_file():
+        raise SmallmError(f"nothing to resume in {out_dir}: {path} is missing")
+    saved = yaml.safe_load(path.read_text())
+    config = TrainConfig(**read_config_file(path))
+    for name in SHAPE_FIELDS:
+        if name in (overrides or {}) and _coerce(name, overrides[name]) != getattr(config, name):
+            raise SmallmError(f"--{name.replace('_', '-')} cannot change when resuming: the weights fix it")
+    config = TrainConfig(**{**config.to_dict(), **(overrides or {})})
+    return config, saved.get("data_dir", "data/tinystories")
