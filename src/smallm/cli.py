@@ -217,5 +217,104 @@ def run_train(args):
     return 0
 
 
+def add_generate(sub):
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a trained model",
+        description="Print PROMPT followed by a sampled continuation from RUN/best (or a checkpoint "
+        "directory), streaming it as it is produced. The same --seed gives the same text; an empty prompt "
+        "starts from <|endoftext|>.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "run_dir", metavar="RUN", help="run directory (its best/; runs/latest works) or a checkpoint"
+    )
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to add to each sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
+    p.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens (1 = greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with prob >= p")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: different every run)")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples to print")
+    p.add_argument(
+        "--stop-at-eot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end a sample at <|endoftext|> (the end of a story)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args):
+    import torch
+
+    from smallm.generate import generate_text, load_for_inference
+
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise SmallmError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_for_inference(args.run_dir, device)
+    tty = sys.stdout.isatty()
+
+    def write(text):
+        sys.stdout.write(text)
+        if tty:
+            sys.stdout.flush()
+
+    generate_text(
+        model,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        stop_at_eot=args.stop_at_eot,
+        write=write,
+    )
+    write("\n")
+
+
+def add_eval(sub):
+    p = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte over a whole data split",
+        description="Evaluate RUN/best (or a checkpoint directory) on every token of a prepared split, in "
+        "non-overlapping windows of block_size. Prints one JSON line {val_loss, perplexity, bits_per_byte, "
+        "tokens} on stdout and a summary on stderr.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument(
+        "run_dir", metavar="RUN", help="run directory (its best/; runs/latest works) or a checkpoint"
+    )
+    p.add_argument("--data", default="data/tinystories", help="directory written by `smallm prepare`")
+    p.add_argument("--split", default="validation", help="which split to evaluate")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args):
+    import json
+
+    import torch
+
+    from smallm.evaluate import evaluate
+    from smallm.generate import load_for_inference
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, checkpoint = load_for_inference(args.run_dir, device)
+    result = evaluate(model, args.data, args.split, args.batch_size, progress=sys.stderr.isatty())
+    print(json.dumps(result))
+    bpb = "n/a" if result["bits_per_byte"] is None else f"{result['bits_per_byte']:.4f}"
+    print(
+        f"{checkpoint} on {args.data} ({args.split}, {result['tokens']:,} tokens): "
+        f"loss {result['val_loss']:.4f}, perplexity {result['perplexity']:.2f}, {bpb} bits per byte",
+        file=sys.stderr,
+    )
+
+
 # keep this list last, in the order: prepare, train, generate, eval, export, serve
-VERBS = [add_prepare, add_train, add_export, add_serve]
+VERBS = [add_prepare, add_train, add_generate, add_eval, add_export, add_serve]

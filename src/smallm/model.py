@@ -249,7 +249,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
     def generate(
         self,
         idx,
@@ -267,28 +266,72 @@ class GPT(nn.Module):
         with it; generation ends early once every row has stopped. The model sees at most the last
         block_size tokens; with the KV cache each new token costs one position until the context is full,
         after which the cache is refilled from the last block_size tokens (positions are learned, so they
-        cannot slide).
+        cannot slide). Runs in eval mode (no dropout) and restores the previous mode.
         """
+        B, T = idx.size()
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
+                out[:, :T] = idx
+                done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that produced eos
+                n = T
+                steps = self.generate_tokens(
+                    idx, max_new_tokens, temperature, top_k, top_p, use_kv_cache, generator
+                )
+                for next_id in steps:  # (B, 1)
+                    if eos_token_id is not None:
+                        next_id = next_id.masked_fill(done.unsqueeze(1), eos_token_id)
+                        done |= next_id.squeeze(1) == eos_token_id
+                    out[:, n : n + 1] = next_id
+                    n += 1
+                    if eos_token_id is not None and bool(done.all()):
+                        break
+                out = out[:, :n]
+        finally:
+            self.train(was_training)
+        return out.clone()  # a normal tensor, usable outside inference mode
+
+    @torch.inference_mode()
+    def generate_tokens(
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_kv_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        """Yield the next token ids (B, 1) of idx (B, T), one step at a time, up to max_new_tokens steps.
+
+        The loop behind generate() and smallm.generate.stream(); it never stops early (the caller decides
+        about eos) and uses the model in whatever mode it is in (call eval() first).
+        """
+        check_sampling(temperature, top_k, top_p)
+        B, T = idx.size()
+        if T == 0:
+            raise SmallmError("cannot generate from an empty prompt; start from <|endoftext|> (id 50256)")
         block_size = self.config.block_size
+        seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
+        seq[:, :T] = idx
         cache = None
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if not use_kv_cache:
-                logits, _ = self(idx[:, -block_size:])
-            elif cache is None or cache.pos >= block_size:
-                param = self.lm_head.weight
-                cache = KVCache(self.config, idx.size(0), param.device, param.dtype)
-                logits, _ = self(idx[:, -block_size:], kv_cache=cache)
+        if use_kv_cache:
+            param = self.lm_head.weight
+            cache = KVCache(self.config, B, param.device, param.dtype)
+        for n in range(T, T + max_new_tokens):  # n tokens so far
+            if cache is None:
+                logits, _ = self(seq[:, max(0, n - block_size) : n])
+            elif cache.pos == 0 or cache.pos >= block_size:
+                # first step, or the context is full: (re)fill the cache from the last block_size tokens
+                cache.pos = 0
+                logits, _ = self(seq[:, max(0, n - block_size) : n], kv_cache=cache)
             else:
-                logits, _ = self(idx[:, -1:], kv_cache=cache)
+                logits, _ = self(seq[:, n - 1 : n], kv_cache=cache)  # one new position
             next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            if eos_token_id is not None:
-                next_id = next_id.masked_fill(done.unsqueeze(1), eos_token_id)
-                done |= next_id.squeeze(1) == eos_token_id
-            idx = torch.cat((idx, next_id), dim=1)
-            if eos_token_id is not None and bool(done.all()):
-                break
-        return idx
+            seq[:, n : n + 1] = next_id
+            yield next_id
 
     # ---- loading and saving -------------------------------------------------------------------------
 
@@ -353,8 +396,19 @@ def top_p_filter(logits, p: float):
     return logits.masked_fill(remove, float("-inf"))
 
 
+def check_sampling(temperature=1.0, top_k=None, top_p=None) -> None:
+    """Raise SmallmError for sampling settings that mean nothing (negative temperature, top_k 0, ...)."""
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:  # `not >=` also catches nan
+        raise SmallmError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise SmallmError(f"top_k must be an integer >= 1 (1 is greedy) or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise SmallmError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next token ids (B, 1)."""
+    """logits (B, V) -> next token ids (B, 1): greedy for temperature 0 or top_k 1, else sampled from
+    softmax(logits / temperature) restricted to the top_k tokens and then to the top_p nucleus."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature

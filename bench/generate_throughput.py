@@ -1,0 +1,141 @@
+"""Greedy generation speed: smallm's KV-cached `GPT.generate` against `transformers` on the same weights.
+
+Both sides get the seed shape (6 layers, 6 heads, 384 dims, 128 positions, GPT-2 vocabulary) with the same
+random weights, the same random prompt, and produce exactly `--new-tokens` greedy tokens (no early stop).
+Each side runs in its own child process so that its peak RSS is its own; the timings are medians of
+`--runs` runs after one warm-up. The parent checks that both produced the same tokens, then prints a table.
+
+    flock /tmp/smallm-bench.lock python bench/generate_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def build_models(side: str, seed: int = 0):
+    """The seed-shaped smallm GPT (random init from `seed`), or a GPT2LMHeadModel with the same weights."""
+    from smallm import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(dropout=0.0)).eval()
+    if side == "smallm":
+        return model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.block_size,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            activation_function="gelu",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    ).eval()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out)
+        conv1d = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+        state[name] = tensor.t().contiguous() if conv1d else tensor
+    hf.load_state_dict(state, strict=False)  # HF may also hold non-persistent attention-mask buffers
+    hf.tie_weights()
+    del model
+    return hf
+
+
+def run_side(side: str, batch_size: int, prompt_len: int, new_tokens: int, runs: int) -> dict:
+    model = build_models(side)
+    g = torch.Generator().manual_seed(1234)
+    prompt = torch.randint(0, 50257, (batch_size, prompt_len), generator=g)
+
+    def once():
+        with torch.inference_mode():
+            if side == "smallm":
+                return model.generate(prompt, max_new_tokens=new_tokens, temperature=0.0)
+            return model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=50256,
+            )
+
+    out = once()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = once()
+        times.append(time.perf_counter() - t0)
+    assert out.shape == (batch_size, prompt_len + new_tokens), out.shape
+    return {
+        "tokens_per_s": batch_size * new_tokens / statistics.median(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tokens": out[:, prompt_len:].tolist(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=112, help="prompt + new tokens <= 128 positions")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--side", choices=["smallm", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.side:  # child: measure one side, print JSON
+        print(json.dumps(run_side(args.side, args.batch_size, args.prompt_len, args.new_tokens, args.runs)))
+        return
+
+    print(
+        f"greedy generation, seed shape, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
+        f"median of {args.runs} runs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(f"{'batch':>5} {'side':>12} {'tokens/s':>10} {'peak RSS MB':>12} {'ratio':>7}")
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        results = {}
+        for side in ("smallm", "transformers"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--batch-size",
+                str(batch_size),
+                "--prompt-len",
+                str(args.prompt_len),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--runs",
+                str(args.runs),
+            ]
+            results[side] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        same = results["smallm"]["tokens"] == results["transformers"]["tokens"]
+        ratio = results["smallm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+        for side, r in results.items():
+            shown = f"{ratio:6.2f}x" if side == "smallm" else ""
+            print(
+                f"{batch_size:>5} {side:>12} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} {shown:>7}"
+            )
+        print(f"{'':>5} same greedy tokens: {same}")
+
+
+if __name__ == "__main__":
+    main()

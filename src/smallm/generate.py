@@ -1,0 +1,126 @@
+"""Sampling text from a trained model: find its checkpoint, stream tokens, decode them as they come.
+
+`smallm generate RUN --prompt TEXT` is `resolve_checkpoint` + `load_model` + `generate_text`.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from smallm.checkpoint import CONFIG, load_model
+from smallm.errors import SmallmError
+from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, get_tokenizer
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint directory meant by `path`: a run directory means its `best/` checkpoint (so
+    `runs/latest` works too); a directory holding config.json is a checkpoint itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SmallmError(f"no run or checkpoint directory at {path}")
+    if (path / CONFIG).is_file():
+        return path
+    if (path / "best" / CONFIG).is_file():
+        return path / "best"
+    hint = f"; {path / 'last'} holds the latest training state" if (path / "last" / CONFIG).is_file() else ""
+    raise SmallmError(
+        f"{path} is neither a checkpoint (no {CONFIG}) nor a run with a best/ checkpoint{hint}; "
+        "pass a run directory written by `smallm train` or a checkpoint directory"
+    )
+
+
+def load_for_inference(path, device="cpu"):
+    """resolve_checkpoint + load_model, in eval mode. Returns (model, checkpoint directory)."""
+    directory = resolve_checkpoint(path)
+    return load_model(directory, device).eval(), directory
+
+
+def stream(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield up to max_new_tokens new token ids continuing prompt_ids, one at a time (batch 1, KV cached).
+
+    If eos_token_id is given and sampled, it is yielded as the last id. An empty prompt starts from
+    <|endoftext|>. Call model.eval() first (the CLI and the server load models in eval mode).
+    """
+    device = model.lm_head.weight.device
+    idx = torch.tensor([list(prompt_ids) or [EOT_TOKEN]], dtype=torch.long, device=device)  # (1, T)
+    steps = model.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, generator=generator)
+    for next_id in steps:
+        token = int(next_id)
+        yield token
+        if token == eos_token_id:
+            return
+
+
+def encode_prompt(prompt: str) -> list[int]:
+    """GPT-2 ids of prompt; `<|endoftext|>` in the text is the special token."""
+    return get_tokenizer().encode(prompt, allowed_special={EOT_TEXT})
+
+
+def generate_text(
+    model,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    num_samples: int = 1,
+    stop_at_eot: bool = True,
+    write=None,
+) -> list[str]:
+    """Sample num_samples continuations of prompt; returns each sample's text (prompt + continuation).
+
+    write(text), when given, receives each sample piece by piece as it is produced: the prompt, then every
+    new token's text (decoded incrementally so a character split across tokens is never broken), with a
+    separator line between samples. The same seed gives the same texts. With stop_at_eot a sample ends at
+    <|endoftext|> (not shown); without, generation runs on and the marker appears as text.
+    """
+    prompt_ids = encode_prompt(prompt)
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    write = write or (lambda text: None)
+    eos = EOT_TOKEN if stop_at_eot else None
+    texts = []
+    for i in range(num_samples):
+        if i > 0:
+            write("\n---------------\n")
+        pieces = [prompt]
+        write(prompt)
+        tokens = stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos, generator)
+        for piece in detokenize(t for t in tokens if t != eos):
+            pieces.append(piece)
+            write(piece)
+        texts.append("".join(pieces))
+    return texts
+
+
+def detokenize(tokens: Iterable[int]) -> Iterator[str]:
+    """Yield the text of tokens as they come. A token can end inside a UTF-8 character (emoji, CJK are
+    often split across tokens); those bytes are held back until the character is complete, so the pieces
+    never contain a broken character and join to exactly get_tokenizer().decode(tokens)."""
+    enc = get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        piece = decoder.decode(enc.decode_single_token_bytes(token))
+        if piece:
+            yield piece
+    piece = decoder.decode(b"", final=True)  # bytes left at the end of an unfinished character
+    if piece:
+        yield piece
