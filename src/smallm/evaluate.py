@@ -46,7 +46,7 @@ def evaluate(model, data_dir, split: str = "validation", batch_size: int = 8, pr
         chunk = torch.from_numpy(np.asarray(data[start : start + rows * T + 1]).astype(np.int64)).to(device)
         x = chunk[:-1].view(rows, T)  # (rows, T)
         y = chunk[1:].view(rows, T)  # (rows, T): the next token of each input
-        _, loss = model(x, targets=y)
+        _, loss = model(x, targets=y, return_logits=False)  # the mean over rows * T targets
         return loss.item() * rows * T
 
     total = 0.0  # summed nats, accumulated in float64
