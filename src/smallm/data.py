@@ -7,24 +7,36 @@ of documents, tokens and UTF-8 bytes of source text).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import multiprocessing
 import os
+import re
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from smallm.checkpoint import atomic_directory, read_json, write_json
 from smallm.errors import SmallmError
 from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+
+# torch and datasets are imported where they are used: `smallm prepare --text-files` and its worker
+# processes need neither, and importing torch alone takes about a second.
 
 META = "meta.json"
 SPLITS = ("train", "validation")
 DTYPE = np.uint16
 DEFAULT_DATASET = "roneneldan/TinyStories"
-CHUNK_CHARS = 1 << 20  # about 1 MB of text per task sent to a worker
+BLOCK_BYTES = 1 << 20  # about 1 MB of text per task sent to a worker
+DATASET_BATCH = 1024  # dataset rows per task
+# A separator: a line reading <|endoftext|> (trailing blanks allowed). Blocks of text always start with a
+# newline, so every separator is "\n<|endoftext|>", a literal prefix that `re` finds at memchr speed.
+SEPARATOR = re.compile(rb"\n<\|endoftext\|>[ \t\r]*(?=\n|\Z)")
+SEPARATOR_STR = re.compile(SEPARATOR.pattern.decode())
+SEPARATOR_BEFORE_NEWLINE = re.compile(rb"\n<\|endoftext\|>[ \t\r]*(?=\n)")
 
 # ---- reading -------------------------------------------------------------------------------------------
 
@@ -40,7 +52,10 @@ def read_meta(data_dir) -> dict:
             f"{meta_path} is missing, so {data_dir} is not a finished `smallm prepare` directory; "
             f"run `smallm prepare --out {data_dir} --force`"
         )
-    meta = read_json(meta_path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SmallmError(f"{meta_path} is not valid JSON ({e}); rerun `smallm prepare --force`") from e
     if meta.get("dtype") != "uint16" or not isinstance(meta.get("splits"), dict):
         raise SmallmError(f"{meta_path} does not describe uint16 token files; rerun `smallm prepare --force`")
     for split, info in meta["splits"].items():
@@ -107,7 +122,7 @@ class Batches:
         self.rank = rank
         self.world_size = world_size
         self.accum_steps = accum_steps
-        self.device = torch.device(device)
+        self.device = device
         data = open_split(self.data_dir, split)
         self.num_tokens = len(data)
         if self.num_tokens < block_size + 1:
@@ -125,6 +140,8 @@ class Batches:
 
     def get(self, step: int, micro_step: int = 0):
         """(x, y) int64 tensors of shape (batch_size, block_size) on the device; y is x shifted by one."""
+        import torch
+
         if not 0 <= micro_step < self.accum_steps:
             raise SmallmError(f"micro_step {micro_step} is outside 0..{self.accum_steps - 1}")
         row = (self.rank * self.accum_steps + micro_step) * self.batch_size
@@ -135,7 +152,7 @@ class Batches:
         del data
         windows = torch.from_numpy(windows)
         x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
-        if self.device.type == "cuda":
+        if torch.device(self.device).type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
             y = y.pin_memory().to(self.device, non_blocking=True)
         else:
@@ -187,14 +204,12 @@ def prepare(
             if not path.is_file():
                 raise SmallmError(f"text file not found: {path}")
         source = {"text_files": [str(p.resolve()) for p in text_files]}
-        files = [
-            {"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
-            for p in text_files
-        ]
+        files = _file_listing(text_files)
     else:
         local = Path(dataset).exists()
         source = {"dataset": str(Path(dataset).resolve()) if local else dataset, "column": column}
-        files = _directory_listing(Path(dataset)) if local else []
+        listing = sorted(Path(dataset).rglob("*")) if Path(dataset).is_dir() else [Path(dataset)]
+        files = _file_listing(listing) if local else []
     inputs = {**source, "files": files, "val_fraction": val_fraction, "seed": seed, "tokenizer": "gpt2"}
 
     reused = _finished_with(out_dir, inputs)
@@ -203,12 +218,15 @@ def prepare(
     if out_dir.exists() and not (out_dir / META).is_file() and any(out_dir.iterdir()):
         raise SmallmError(f"{out_dir} exists and is not a `smallm prepare` directory; choose another --out")
 
-    # Documents as (split name, text) in source order, a count for the progress bar.
-    if text_files:
-        count = sum(_count_text_file_documents(p) for p in text_files)
-        documents = _split_stream(_read_text_files(text_files), count, val_fraction, seed)
-    else:
-        count, documents = _dataset_documents(dataset, column, val_fraction, seed)
+    if text_files:  # blocks of raw text; workers split them into stories
+        encode, tasks = _encode_block, _text_file_tasks(text_files, val_fraction, seed)
+        total, unit = sum(p.stat().st_size + 1 for p in text_files), "B"
+    else:  # batches of rows
+        encode, (tasks, total), unit = (
+            _encode_texts,
+            _dataset_tasks(dataset, column, val_fraction, seed),
+            "doc",
+        )
 
     meta = {
         "tokenizer": "gpt2",
@@ -219,26 +237,26 @@ def prepare(
         "splits": {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS},
         "inputs": inputs,
     }
-    with atomic_directory(out_dir) as tmp, _worker_pool(workers) as pool:
-        files_out = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
+    with _atomic_directory(out_dir) as tmp, _worker_pool(workers) as pool:
+        bins = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
+        bar = tqdm(total=total, unit=unit, unit_scale=True, desc=f"prepare {out_dir}", smoothing=0.1)
         try:
-            encode = pool.imap if pool is not None else map
-            bar = tqdm(total=count, unit="doc", desc=f"prepare {out_dir}", unit_scale=True, smoothing=0.1)
-            with bar:
-                for n_read, results in encode(_encode_chunk, _chunks(documents)):
-                    bar.update(n_read)
-                    for split, (ids, n_docs, n_bytes) in results.items():
-                        ids.tofile(files_out[split])
-                        info = meta["splits"][split]
-                        info["documents"] += n_docs
-                        info["tokens"] += len(ids)
-                        info["bytes"] += n_bytes
+            # imap keeps the order of the tasks; it reads ahead only as far as the pipes to the workers hold.
+            for done, results in pool.imap(encode, tasks) if pool is not None else map(encode, tasks):
+                for split, (ids, documents, n_bytes) in results.items():
+                    ids.tofile(bins[split])
+                    info = meta["splits"][split]
+                    info["documents"] += documents
+                    info["tokens"] += len(ids)
+                    info["bytes"] += n_bytes
+                bar.update(done)
         finally:
-            for f in files_out.values():
+            bar.close()
+            for f in bins.values():
                 f.close()
         if meta["splits"]["train"]["tokens"] == 0:
             raise SmallmError(f"no text found in {_describe(source)}: nothing to train on")
-        write_json(tmp / META, meta)
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return {**meta, "reused": False}
 
 
@@ -253,13 +271,12 @@ def _describe(source: dict) -> str:
     return ", ".join(source["text_files"]) if "text_files" in source else source["dataset"]
 
 
-def _directory_listing(directory: Path) -> list:
-    """Every file of a local dataset (path, size, mtime) so that a changed file means new inputs."""
-    paths = [directory] if directory.is_file() else sorted(p for p in directory.rglob("*") if p.is_file())
+def _file_listing(paths) -> list:
+    """(path, size, mtime) of every input file, so that a changed file means new inputs."""
     return [
         {"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
         for p in paths
-        if ".cache" not in p.parts
+        if p.is_file() and ".cache" not in p.parts
     ]
 
 
@@ -274,53 +291,85 @@ def _finished_with(out_dir: Path, inputs: dict) -> dict | None:
     return meta if meta.get("inputs") == inputs else None
 
 
-# ---- sources: each yields (split, text) in source order ------------------------------------------------
+@contextlib.contextmanager
+def _atomic_directory(directory: Path):
+    """Yield a temporary directory next to `directory` that replaces it on success, vanishes on failure.
+
+    (smallm.checkpoint.atomic_directory does the same but importing that module imports torch.)
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _is_separator(line: str) -> bool:
-    return line.strip() == EOT_TEXT
-
-
-def _read_text_files(paths):
-    """Stories of TinyStories-format files (separated by `<|endoftext|>` lines); a file without any
-    separator line is one document."""
-    for path in paths:
-        with open(path, encoding="utf-8", errors="strict") as f:
-            lines = []
-            try:
-                for line in f:
-                    if _is_separator(line):
-                        yield "".join(lines)
-                        lines = []
-                    else:
-                        lines.append(line)
-            except UnicodeDecodeError as e:
-                raise SmallmError(f"{path} is not UTF-8 text ({e})") from e
-            yield "".join(lines)
-
-
-def _count_text_file_documents(path: Path) -> int:
-    """How many documents `_read_text_files` yields for `path` (separator lines + 1), read as bytes."""
-    separator = EOT_TEXT.encode()
-    with open(path, "rb") as f:
-        return 1 + sum(1 for line in f if line.strip() == separator)
-
-
-def _split_stream(texts, count: int, val_fraction: float, seed: int):
-    """Send a seeded random `val_fraction` of `count` documents to validation (at least one when
-    val_fraction > 0 and there are two or more), the rest to train, keeping source order."""
+def _validation_mask(count: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Which of `count` documents go to validation: a seeded random `val_fraction` of them, at least one
+    (and not all) when val_fraction > 0 and there are two or more."""
     is_val = np.zeros(count, dtype=bool)
-    n_val = round(count * val_fraction)
     if val_fraction > 0 and count >= 2:
-        n_val = min(max(n_val, 1), count - 1)
+        n_val = min(max(round(count * val_fraction), 1), count - 1)
         is_val[np.random.default_rng(seed).choice(count, size=n_val, replace=False)] = True
-    for i, text in enumerate(texts):
-        yield ("validation" if is_val[i] else "train"), text
+    return is_val
 
 
-def _dataset_documents(dataset: str, column: str, val_fraction: float, seed: int):
-    """(count, documents) of a `datasets.load_dataset` source, using its own validation split if any."""
-    import datasets  # only this source needs it (slow to import)
+# ---- sources: tasks for the workers, in source order ---------------------------------------------------
+
+
+def _text_file_blocks(path: Path, block_bytes: int | None = None):
+    """Cut a text file into blocks of about `block_bytes`, each ending at a separator: (block, documents,
+    last). Every block starts with a newline (added before the file's first byte) so that a separator on
+    the first line is found too; a block ends just after a separator (before its newline), except the
+    file's last, which also holds the text after the last separator. A file without separators is one
+    document."""
+    buffer, searched = bytearray(b"\n"), 0
+    with open(path, "rb") as f:
+        while data := f.read(block_bytes or BLOCK_BYTES):
+            buffer += data
+            cut = _last_separator_end(buffer, searched)
+            if cut is not None:
+                block = bytes(buffer[:cut])
+                del buffer[:cut]
+                yield block, len(SEPARATOR.findall(block)), False
+            searched = max(0, len(buffer) - 64)  # a separator may still be missing its newline
+    block = bytes(buffer)
+    yield block, len(SEPARATOR.findall(block)) + 1, True
+
+
+def _last_separator_end(buffer: bytearray, start: int) -> int | None:
+    """The end of the last separator in buffer[start:] that is followed by a newline, if any."""
+    end = len(buffer)
+    while (position := buffer.rfind(b"\n" + EOT_TEXT.encode(), start, end)) >= 0:
+        match = SEPARATOR_BEFORE_NEWLINE.match(buffer, position)
+        if match:
+            return match.end()
+        end = position
+    return None
+
+
+def _text_file_tasks(paths, val_fraction: float, seed: int):
+    """(path, block, last, is_val of the block's documents) for every block of every file."""
+    count = sum(n for path in paths for _, n, _ in _text_file_blocks(path)) if val_fraction > 0 else 0
+    is_val = _validation_mask(count, val_fraction, seed)
+    first = 0
+    for path in paths:
+        for block, n, last in _text_file_blocks(path):
+            yield str(path), block, last, is_val[first : first + n] if val_fraction > 0 else None
+            first += n
+
+
+def _dataset_tasks(dataset: str, column: str, val_fraction: float, seed: int):
+    """(tasks, documents) of a `datasets.load_dataset` source: tasks are (texts, is_val) batches, from its
+    train split and then its own validation split, or `val_fraction` of train when it has none."""
+    import datasets
 
     local = Path(dataset).exists()
     try:
@@ -330,9 +379,9 @@ def _dataset_documents(dataset: str, column: str, val_fraction: float, seed: int
         if local:
             raise SmallmError(f"could not load the dataset at {dataset}: {reason}") from e
         raise SmallmError(
-            f"could not download {dataset} from the Hugging Face Hub ({reason}); without network, "
-            f"use a local copy: `smallm prepare --text-files TinyStories-train.txt` "
-            f"or `--dataset DIR` (a directory in Hugging Face layout, e.g. DIR/data/train-*.parquet)"
+            f"could not download {dataset} from the Hugging Face Hub ({reason}); without network, use a "
+            "local copy of TinyStories: `smallm prepare --text-files TinyStories-train.txt` or "
+            "`--dataset DIR` (a directory in Hugging Face layout, e.g. DIR/data/train-*.parquet)"
         ) from e
     if not isinstance(splits, datasets.DatasetDict):
         splits = datasets.DatasetDict({"train": splits})
@@ -343,42 +392,29 @@ def _dataset_documents(dataset: str, column: str, val_fraction: float, seed: int
     for name in filter(None, (train_name, val_name)):
         if column not in splits[name].column_names:
             raise SmallmError(
-                f"{dataset} ({name} split) has no column {column!r}; its columns are "
-                f"{', '.join(splits[name].column_names)}: pick one with --column"
+                f"{dataset} ({name} split) has no column {column!r}; its columns are: "
+                f"{', '.join(splits[name].column_names)} (pick one with --column)"
             )
+    n_train = len(splits[train_name])
+    n_val = len(splits[val_name]) if val_name else 0
+    train_is_val = (
+        _validation_mask(n_train, val_fraction, seed) if val_name is None else np.zeros(n_train, bool)
+    )
 
-    def texts(name):
-        for batch in splits[name].select_columns([column]).iter(batch_size=1024):
-            yield from batch[column]
+    def tasks():
+        for name, is_val in ((train_name, train_is_val), (val_name, np.ones(n_val, bool))):
+            if name is None:
+                continue
+            first = 0
+            for batch in splits[name].select_columns([column]).iter(batch_size=DATASET_BATCH):
+                texts = batch[column]
+                yield texts, is_val[first : first + len(texts)]
+                first += len(texts)
 
-    if val_name is None:
-        return len(splits[train_name]), _split_stream(
-            texts(train_name), len(splits[train_name]), val_fraction, seed
-        )
-
-    def both():
-        for text in texts(train_name):
-            yield "train", text
-        for text in texts(val_name):
-            yield "validation", text
-
-    return len(splits[train_name]) + len(splits[val_name]), both()
+    return tasks(), n_train + n_val
 
 
 # ---- tokenizing in worker processes --------------------------------------------------------------------
-
-
-def _chunks(documents, chunk_chars=CHUNK_CHARS):
-    """Group (split, text) pairs into lists of about `chunk_chars` characters: one task for a worker."""
-    chunk, size = [], 0
-    for split, text in documents:
-        chunk.append((split, text))
-        size += len(text) if isinstance(text, str) else 0
-        if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 class _worker_pool:
@@ -404,19 +440,43 @@ class _worker_pool:
 
 def _init_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    get_tokenizer()  # build it once per worker, in parallel
+    get_tokenizer()  # each worker builds it once, all in parallel
 
 
-def _encode_chunk(chunk) -> tuple[int, dict]:
-    """(len(chunk), {split: (uint16 ids, documents, UTF-8 bytes)}) for a list of (split, text) pairs."""
-    by_split = {}
-    for split, text in chunk:
+def _encode_block(task) -> tuple[int, dict]:
+    """Split a block of a text file into documents and encode them: (bytes done, {split: encoded})."""
+    path, block, last, is_val = task
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SmallmError(f"{path} is not UTF-8 text ({e.reason} in a block of the file)") from None
+    documents = SEPARATOR_STR.split(text)
+    if not last:
+        documents.pop()  # the empty text after the block's final separator
+    return len(block), _encode_by_split(documents, is_val)
+
+
+def _encode_texts(task) -> tuple[int, dict]:
+    """Encode a batch of dataset rows: (rows done, {split: encoded})."""
+    texts, is_val = task
+    for text in texts:
         if not isinstance(text, str):
-            raise SmallmError(f"a document is {type(text).__name__}, not text; check --column")
+            raise SmallmError(
+                f"a row holds {type(text).__name__}, not text; pick a text column with --column"
+            )
+    return len(texts), _encode_by_split(texts, is_val)
+
+
+def _encode_by_split(texts: list[str], is_val: np.ndarray | None) -> dict:
+    """{split: (uint16 ids, documents, UTF-8 bytes)}; is_val=None puts every text in train."""
+    by_split = {}
+    for i, text in enumerate(texts):
         text = text.strip()
         if text:
-            by_split.setdefault(split, []).append(text)
-    return len(chunk), {split: encode_documents(texts) for split, texts in by_split.items()}
+            by_split.setdefault("validation" if is_val is not None and is_val[i] else "train", []).append(
+                text
+            )
+    return {split: encode_documents(documents) for split, documents in by_split.items()}
 
 
 def encode_documents(texts: list[str]) -> tuple[np.ndarray, int, int]:
@@ -429,9 +489,7 @@ def encode_documents(texts: list[str]) -> tuple[np.ndarray, int, int]:
     joined = EOT_TEXT.join(texts) + EOT_TEXT
     n_bytes = len(joined.encode("utf-8")) - len(texts) * len(EOT_TEXT.encode())
     if any(EOT_TEXT in text for text in texts):  # the literal text must stay ordinary text
-        ids = np.fromiter(
-            (i for text in texts for i in [*enc.encode_ordinary(text), EOT_TOKEN]), dtype=np.uint32
-        )
+        ids = np.fromiter((i for text in texts for i in [*enc.encode_ordinary(text), EOT_TOKEN]), np.uint32)
     else:
         ids = enc.encode_to_numpy(joined, allowed_special={EOT_TEXT})
     return to_uint16(ids), len(texts), n_bytes
