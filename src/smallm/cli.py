@@ -164,6 +164,7 @@ def add_train(sub):
         "then the field flags, each on top of the last. Writes RUN/config.yaml, metrics.jsonl, loss.png, "
         "best/ and last/. Ctrl-C saves last/; --resume continues from it. Under torchrun it trains with DDP.",
         formatter_class=_Formatter,
+        allow_abbrev=False,  # --learning-rat is a typo, not --learning-rate
     )
     keep_out = argparse.SUPPRESS  # absent from args unless given (the help says the real default)
     p.add_argument("--data", default=keep_out, help="prepared data (default: data/tinystories, or the run's)")

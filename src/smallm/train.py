@@ -1,8 +1,9 @@
 """Training: one loop from disk to loss, on one device or many, resumable.
 
 The config and its presets live in smallm.train_config (re-exported here). Read top to bottom: the
-learning-rate schedule and the optimizer, evaluation, devices, then `train`: setup (processes, device, precision), model, data, the loop (accumulate, clip, step, log,
-evaluate, checkpoint) and its three exits (finished, interrupted, loss not finite).
+learning-rate schedule and the optimizer, evaluation, devices, then `train`: checks, processes, model,
+data, the loop (accumulate, clip, step, log, evaluate, checkpoint) and its three exits (finished,
+interrupted, loss not finite).
 
 Under `torchrun` the same code trains with DistributedDataParallel: every rank runs this file, gradient
 accumulation is divided across ranks so the global batch is unchanged, and only rank 0 logs and writes.
@@ -55,14 +56,15 @@ def get_lr(step: int, config: TrainConfig) -> float:
 
 def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str):
     """AdamW with weight decay on matrices (>= 2-D: Linear weights, embeddings) and none on biases and
-    LayerNorm gains; PyTorch's fused kernel on CUDA."""
+    LayerNorm gains; PyTorch's fused kernel on CUDA and CPU."""
     params = [p for p in model.parameters() if p.requires_grad]  # the tied head/embedding counted once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     betas = (config.beta1, config.beta2)
-    fused = device_type == "cuda"
+    # One fused kernel instead of a loop over tensors: on CUDA, and on CPU, where it is ~5x faster here.
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused)
 
 
@@ -80,7 +82,7 @@ def estimate_loss(model, readers: dict, eval_iters: int, autocast, rank: int = 0
         for k in range(rank, eval_iters, world_size):
             x, y = reader.get(k)
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)  # chunked: no (B*T, V) logits
             total += loss.float()
         if world_size > 1:
             torch.distributed.all_reduce(total)
@@ -361,7 +363,7 @@ def _train_loop(config, data_dir, out_dir: Path, resume, progress, new_run, meta
                 no_sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
                 with no_sync:
                     with autocast:
-                        _, loss = train_model(x, y)
+                        _, loss = train_model(x, y, return_logits=False)
                         loss = loss / accum  # the mean over all micro-batches
                     if not last_micro:
                         x, y = batches.get(step, micro_step + 1)  # read the next batch while the GPU works

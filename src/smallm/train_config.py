@@ -118,7 +118,7 @@ PRESETS = {
         min_lr=2e-4,
         warmup_iters=10,
         eval_interval=100,
-        eval_iters=10,
+        eval_iters=5,
         log_interval=10,
     ),
 }

@@ -1,0 +1,263 @@
+"""smallm.train: the config, the schedule, the optimizer groups, and short CPU runs on tiny generated data."""
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from smallm.checkpoint import load_model
+from smallm.data import prepare
+from smallm.errors import SmallmError
+from smallm.model import GPT
+from smallm.train import (
+    PRESETS,
+    TrainConfig,
+    build_config,
+    configure_optimizer,
+    get_lr,
+    resume_config,
+    train,
+)
+
+# A model and run small enough for a few seconds on a CPU (the GPT-2 head, 50,257 x 32, dominates).
+SMALL = dict(
+    n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0, batch_size=4, gradient_accumulation_steps=2,
+    max_iters=10, learning_rate=3e-3, min_lr=3e-4, warmup_iters=3, eval_interval=5, eval_iters=2,
+    log_interval=2, device="cpu", dtype="float32",
+)  # fmt: skip
+
+
+def write_stories(path, n=300, seed=0):
+    """TinyStories-shaped text: short template stories, learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    names = ["Tim", "Lily", "Sam", "Mia", "Ben", "Sue"]
+    animals = ["cat", "dog", "bird", "fish", "frog", "bunny"]
+    things = ["ball", "kite", "box", "hat", "cake", "tree"]
+    stories = []
+    for _ in range(n):
+        name, animal, thing = rng.choice(names), rng.choice(animals), rng.choice(things)
+        stories.append(
+            f"Once upon a time there was a little {animal} named {name}. {name} had a red {thing}. "
+            f"One day {name} lost the {thing}. {name} was sad. Then a friend found the {thing}. "
+            f"{name} was happy and said thank you. The end."
+        )
+    path.write_text("\n<|endoftext|>\n".join(stories) + "\n<|endoftext|>\n")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_stories(root / "stories.txt")
+    prepare(out_dir=root / "prepared", text_files=[root / "stories.txt"], val_fraction=0.1, workers=1)
+    return root / "prepared"
+
+
+def read_rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- the config ----------------------------------------------------------------------------------------
+
+
+def test_seed_preset_resolves_to_the_seed_document():
+    c = build_config("seed")
+    assert (c.batch_size, c.gradient_accumulation_steps, c.block_size) == (32, 32, 128)
+    assert c.batch_size * c.gradient_accumulation_steps * c.block_size == 131_072  # tokens per optimizer step
+    assert (c.max_iters, c.warmup_iters, c.lr_decay_iters) == (20_000, 1_000, 20_000)
+    assert (c.learning_rate, c.beta1, c.beta2, c.weight_decay, c.grad_clip, c.dropout) == (
+        1e-4, 0.9, 0.95, 0.1, 0.5, 0.1
+    )  # fmt: skip
+    assert 0 < c.min_lr < c.learning_rate  # a floor below the peak, not the notebook's 5e-4
+    assert (c.n_layer, c.n_head, c.n_embd, c.bias) == (6, 6, 384, True)
+    assert build_config() == c  # seed is the default
+
+
+def test_presets_files_and_flags_stack_in_order(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    # YAML reads 1e-3 as a string; the config coerces it
+    config_file.write_text("learning_rate: 1e-3\nmin_lr: 1e-4\nmax_iters: 300\nbatch_size: 4\n")
+    c = build_config("tiny", config_file, {"batch_size": "8", "compile": "false"})
+    assert c.n_embd == PRESETS["tiny"]["n_embd"]  # from the preset
+    assert (c.learning_rate, c.max_iters, c.lr_decay_iters) == (1e-3, 300, 300)  # the file; decay follows
+    assert c.batch_size == 8 and c.compile is False  # flags last
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"min_lr": 1e-3, "learning_rate": 1e-4}, "min_lr"),
+        ({"n_embd": 100, "n_head": 3}, "divisible"),
+        ({"batch_size": 0}, "batch_size must be positive"),
+        ({"dtype": "float8"}, "dtype"),
+    ],
+)
+def test_bad_config_values_are_one_clear_error(values, message):
+    with pytest.raises(SmallmError, match=message):
+        build_config("seed", overrides=values)
+
+
+def test_unknown_field_in_config_file_is_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning_rat: 0.1\n")
+    with pytest.raises(SmallmError, match="learning_rat"):
+        build_config("seed", tmp_path / "c.yaml")
+
+
+# ---- schedule and optimizer ------------------------------------------------------------------------------
+
+
+def test_schedule_warms_up_linearly_peaks_then_cosines_to_min_lr():
+    c = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=1100)
+    assert get_lr(0, c) == pytest.approx(1e-5)  # first warmup step: lr / warmup
+    assert get_lr(49, c) == pytest.approx(5e-4)
+    assert get_lr(99, c) == pytest.approx(1e-3)  # end of warmup: the peak
+    assert get_lr(100, c) == pytest.approx(1e-3)
+    assert get_lr(600, c) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the cosine
+    assert get_lr(1100, c) == pytest.approx(1e-4)  # the floor at lr_decay_iters ...
+    assert get_lr(5000, c) == pytest.approx(1e-4)  # ... and after it
+    lrs = [get_lr(s, c) for s in range(100, 1101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False)) and max(lrs) <= 1e-3
+
+
+def test_weight_decay_applies_to_matrices_only(small_config):
+    model = GPT(small_config)
+    optimizer = configure_optimizer(model, TrainConfig(weight_decay=0.1), "cpu")
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "transformer.wte.weight" in {names[id(p)] for p in decayed["params"]}
+    assert {names[id(p)] for p in plain["params"]} >= {
+        "transformer.ln_f.weight",
+        "transformer.h.0.attn.c_attn.bias",
+    }
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))  # tied head once
+
+
+# ---- runs ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    """An uninterrupted SMALL run with dropout (so that resuming must restore the random state too)."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    result = train(build_config("seed", overrides={**SMALL, "dropout": 0.1}), data_dir, run, progress=False)
+    return run, result
+
+
+def test_tiny_preset_learns_in_a_short_cpu_run(data_dir, tmp_path):
+    # the preset's model, learning rate and warmup; a smaller batch and fewer steps keep the test short
+    short = dict(batch_size=4, max_iters=20, eval_interval=20, eval_iters=2, device="cpu")
+    config = build_config("tiny", overrides=short)
+    result = train(config, data_dir, tmp_path / "run", progress=False)
+    evals = [r for r in read_rows(tmp_path / "run") if "val_loss" in r]
+    assert evals[0]["step"] == 0 and evals[0]["val_loss"] > 10.0  # ~ln(50257) at initialization
+    assert result["val_loss"] < evals[0]["val_loss"] - 2.5  # learned the template stories
+    assert result["step"] == 20 and not result["interrupted"]
+
+
+def test_run_directory_holds_config_metrics_plot_and_checkpoints(data_dir, full_run):
+    run, result = full_run
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved.pop("data_dir") == str(data_dir)
+    assert TrainConfig(**saved) == build_config("seed", overrides={**SMALL, "dropout": 0.1})
+    rows = read_rows(run)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8, 10]
+    assert set(train_rows[0]) == {"step", "tokens", "elapsed", "loss", "lr", "tokens_per_sec"}
+    assert train_rows[-1]["tokens"] == 10 * 4 * 32 * 2  # steps x batch x block x accumulation
+    assert [r["step"] for r in eval_rows] == [0, 5, 10]
+    assert {"step", "val_loss", "train_loss"} <= set(eval_rows[0])
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_model(run / "best").config.n_embd == 32
+    best = json.loads((run / "best" / "config.json").read_text())
+    assert best["val_loss"] == pytest.approx(result["best_val_loss"]) == min(r["val_loss"] for r in eval_rows)
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert state["step"] == 10 and state["best_val_loss"] == pytest.approx(result["best_val_loss"])
+    assert load_file(str(run / "last" / "rng.safetensors"))["torch"].dtype == torch.uint8
+    assert load_file(str(run / "last" / "optimizer.safetensors"))["0.exp_avg"].shape == (50257, 32)
+    assert not list(run.glob(".*"))  # no temporary files left behind
+    with pytest.raises(SmallmError, match="already holds a run"):
+        train(build_config("seed", overrides=SMALL), data_dir, run, progress=False)
+
+
+def test_interrupt_then_resume_matches_uninterrupted(data_dir, tmp_path, full_run, monkeypatch):
+    from smallm import train as train_module
+
+    get = train_module.Batches.get
+
+    def get_and_interrupt(self, step, micro_step=0):
+        if self.split == "train" and self.seed == SMALL.get("seed", 1337) and (step, micro_step) == (6, 1):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of optimizer step 6
+        return get(self, step, micro_step)
+
+    monkeypatch.setattr(train_module.Batches, "get", get_and_interrupt)
+    run = tmp_path / "run"
+    stopped = train(build_config("seed", overrides={**SMALL, "dropout": 0.1}), data_dir, run, progress=False)
+    assert stopped["interrupted"] and stopped["step"] == 7  # the step under way was finished
+    assert json.loads((run / "last" / "state.json").read_text())["step"] == 7
+    monkeypatch.setattr(train_module.Batches, "get", get)
+
+    config, saved_data = resume_config(run)
+    resumed = train(config, saved_data, run, resume=True, progress=False)
+    full = full_run[1]
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-3)
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-3)
+    losses = {r["step"]: r["loss"] for r in read_rows(run) if "loss" in r}
+    assert losses == pytest.approx(
+        {r["step"]: r["loss"] for r in read_rows(full_run[0]) if "loss" in r}, rel=1e-3
+    )
+
+
+def test_resume_may_extend_max_iters_but_not_the_shape(data_dir, tmp_path, full_run):
+    run = tmp_path / "run"
+    shutil.copytree(full_run[0], run)
+    config, _ = resume_config(run, {"max_iters": 12})
+    assert config.max_iters == 12 and config.lr_decay_iters == 10  # past the decay: min_lr
+    result = train(config, data_dir, run, resume=True, progress=False)
+    assert result["step"] == 12
+    last_row = [r for r in read_rows(run) if "lr" in r][-1]
+    assert last_row["step"] == 12 and last_row["lr"] == pytest.approx(config.min_lr)
+    with pytest.raises(SmallmError, match="n-embd"):
+        resume_config(run, {"n_embd": 64})
+
+
+def test_default_out_is_a_timestamped_run_with_latest_link(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = build_config("seed", overrides={**SMALL, "max_iters": 1, "eval_iters": 1})
+    result = train(config, data_dir, progress=False)
+    latest = tmp_path / "runs" / "latest"
+    assert latest.is_symlink() and latest.resolve() == (tmp_path / result["out_dir"]).resolve()
+    assert (latest / "best" / "model.safetensors").is_file()
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kwargs):
+        logits, loss = forward(self, idx, targets, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 7:  # from optimizer step 7 on (2 micro-steps per step)
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(SmallmError, match=r"training loss is nan at step 7.*last good checkpoint"):
+        train(build_config("seed", overrides=SMALL), data_dir, run, progress=False)
+    assert json.loads((run / "last" / "state.json").read_text())["step"] == 5  # the evaluation before
+    weights = load_file(str(run / "last" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert math.isfinite(json.loads((run / "best" / "config.json").read_text())["val_loss"])

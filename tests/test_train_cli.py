@@ -1,0 +1,129 @@
+"""`smallm train` end to end: flags, one-line errors, Ctrl-C + --resume, torchrun with two CPU processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from test_train import SMALL, write_stories
+
+from smallm.cli import main
+from smallm.data import prepare
+from smallm.train import build_config, train
+
+# 12 steps, a row per step: room to interrupt a run in the middle
+RUN = {**SMALL, "max_iters": 12, "log_interval": 1, "eval_interval": 6}
+FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_stories(root / "stories.txt")
+    prepare(out_dir=root / "prepared", text_files=[root / "stories.txt"], val_fraction=0.1, workers=1)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The same run uninterrupted, in one process."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    result = train(build_config("seed", overrides=RUN), data_dir, run, progress=False)
+    return result, rows(run)
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def smallm(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "smallm", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_print_config_resolves_preset_file_and_both_flag_spellings(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("eval_iters: 3\nlearning_rate: 0.01\n")
+    args = ["train", "--preset", "tiny", "--config", str(tmp_path / "c.yaml"), "--max_iters", "7"]
+    assert main([*args, "--min-lr", "1e-3", "--compile", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = build_config("tiny", tmp_path / "c.yaml", {"max_iters": 7, "min_lr": 1e-3, "compile": True})
+    assert printed == expected.to_dict()
+    assert printed["eval_iters"] == 3 and printed["lr_decay_iters"] == 7 and printed["n_embd"] == 128
+
+
+def test_unknown_flag_is_one_line_without_traceback():
+    result = smallm("train", "--learning-rat", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["smallm: error: unrecognized arguments: --learning-rat 1"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "no/such/dir"], "no prepared data at no/such/dir"),
+        (["--learning-rate", "fast"], "learning_rate must be a number, got 'fast'"),
+        (["--n-embd", "100", "--n-head", "3"], "divisible by n_head"),
+        (["--gradient-accumulation-steps", "0"], "must be positive"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+        (["--resume", "--out", "no/such/run"], "nothing to resume in no/such/run"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_exit_1(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *args]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("smallm train: error:")
+    assert not (tmp_path / "runs").exists()  # nothing half-made
+
+
+def test_ctrl_c_saves_last_and_resume_matches_uninterrupted(data_dir, tmp_path, reference):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smallm", "train", "--data", str(data_dir), "--out", str(run), *FLAGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # wait for the first training rows
+        if (run / "metrics.jsonl").is_file() and any("loss" in r for r in rows(run)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"smallm train --out {run} --resume" in out
+    stopped_at = json.loads((run / "last" / "state.json").read_text())["step"]
+    assert 0 < stopped_at < RUN["max_iters"]
+
+    resumed = smallm("train", "--out", str(run), "--resume", timeout=300)  # data and config from the run
+    assert resumed.returncode == 0, resumed.stderr
+    result, reference_rows = reference
+    final = rows(run)[-1]
+    assert final["step"] == 12 and final["val_loss"] == pytest.approx(result["val_loss"], rel=1e-3)
+    assert final["train_loss"] == pytest.approx(result["train_loss"], rel=1e-3)
+    train_rows = [(r["step"], r["loss"]) for r in rows(run) if "loss" in r]
+    expected = [(r["step"], pytest.approx(r["loss"], rel=1e-3)) for r in reference_rows if "loss" in r]
+    assert train_rows == expected  # every step once, same losses
+
+
+def test_torchrun_two_cpu_processes_match_one_process(data_dir, tmp_path, reference):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "smallm", "train", "--data", str(data_dir), "--out", str(run), *FLAGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout and result.stdout.count("done: 12 steps") == 1  # rank 0 speaks
+    one, reference_rows = reference
+    ddp_rows = rows(run)
+    assert [r["step"] for r in ddp_rows] == [r["step"] for r in reference_rows]  # written once, by rank 0
+    for mine, theirs in zip(ddp_rows, reference_rows, strict=True):
+        for key in ("loss", "val_loss", "train_loss"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4), (mine, theirs)
+    assert mine["tokens"] == theirs["tokens"]  # the same global batch
