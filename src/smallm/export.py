@@ -21,26 +21,11 @@ from safetensors.torch import load_file, save_file
 from smallm.checkpoint import WEIGHTS, atomic_directory, load_model, read_json, write_json
 from smallm.config import GPTConfig
 from smallm.errors import SmallmError
+from smallm.generate import resolve_checkpoint
 from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, bpe_files
 
 # Linear layers that GPT-2 stores as Conv1D, i.e. with the weight transposed.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def resolve_checkpoint(path) -> Path:
-    """RUN -> RUN/best; a checkpoint directory (holding model.safetensors) -> itself."""
-    try:
-        from smallm.generate import resolve_checkpoint as resolve
-    except ImportError:  # the generate module is not there yet: same rule, inline
-        resolve = None
-    if resolve is not None:
-        return resolve(path)
-    path = Path(path)
-    if (path / WEIGHTS).is_file():
-        return path
-    if (path / "best" / WEIGHTS).is_file():
-        return path / "best"
-    raise SmallmError(f"no checkpoint at {path}: expected {path}/best/{WEIGHTS} or {path}/{WEIGHTS}")
 
 
 def hf_config(config: GPTConfig) -> dict:

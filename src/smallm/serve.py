@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smallm.errors import SmallmError
+from smallm.generate import stream
 from smallm.tokenizer import EOT_TOKEN, get_tokenizer
 
 STATIC = Path(__file__).parent / "static"
@@ -148,7 +149,7 @@ class Generator:
         generator = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, emitted = "", 0
-        tokens = _stream(
+        tokens = stream(
             self.model,
             job.prompt_ids,
             job.max_new_tokens,
@@ -177,40 +178,11 @@ class Generator:
                 if len(text) - hold > emitted:
                     emit(text[emitted : len(text) - hold])
                     emitted = len(text) - hold
-                if job.completion_tokens >= job.max_new_tokens:
-                    break
-            else:
+            else:  # max_new_tokens reached: flush a character cut short by the last token
                 text += decoder.decode(b"", final=True)
         if len(text) > emitted:
             emit(text[emitted:])
         return text
-
-
-def _stream(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_id, generator):
-    try:
-        from smallm.generate import stream
-    except ImportError:  # TEMPORARY until smallm.generate lands: no KV cache, same sampling
-        from smallm.model import sample_next_token
-
-        def stream(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_id, generator):
-            idx = torch.tensor([prompt_ids], device=model.lm_head.weight.device)
-            for _ in range(max_new_tokens):
-                logits, _ = model(idx[:, -model.config.block_size :])
-                next_id = sample_next_token(logits[:, -1, :], temperature, None, top_p, generator)
-                idx = torch.cat((idx, next_id), dim=1)
-                yield int(next_id)
-                if int(next_id) == eos_token_id:
-                    return
-
-    return stream(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        eos_token_id=eos_token_id,
-        generator=generator,
-    )
 
 
 def create_app(
@@ -360,7 +332,7 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, max_tokens_cap:
     import uvicorn
 
     from smallm.checkpoint import load_model
-    from smallm.export import resolve_checkpoint
+    from smallm.generate import resolve_checkpoint
 
     if not 0 <= port <= 65535:
         raise SmallmError(f"--port {port} is not a TCP port (0-65535)")
