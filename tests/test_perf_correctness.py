@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from smallm.model import GPT, linear_cross_entropy
+from smallm.model import GPT, MLP, linear_cross_entropy
 
 
 def _grads(model):
@@ -96,3 +96,37 @@ def test_loss_without_logits_under_bf16_autocast_is_close(small_config):
         _, loss = model(idx, targets)
         _, fast = model(idx, targets, return_logits=False)
     torch.testing.assert_close(fast.float(), loss.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_mlp_recomputing_gelu_matches_the_plain_mlp_and_its_gradients(small_config):
+    small_config.dropout = 0.0
+    mlp = MLP(small_config)
+    x = torch.randn(3, 5, small_config.n_embd, requires_grad=True)
+    out = mlp(x)
+    out.square().sum().backward()
+    fast = [t.grad.clone() for t in (x, *mlp.parameters())]
+    for t in (x, *mlp.parameters()):
+        t.grad = None
+
+    plain = mlp.c_proj(F.gelu(mlp.c_fc(x)))
+    plain.square().sum().backward()
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    for got, want in zip(fast, [t.grad for t in (x, *mlp.parameters())], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_mlp_dropout_draws_the_same_mask_and_values_as_nn_dropout(small_config):
+    small_config.dropout = 0.25
+    mlp = MLP(small_config).train()
+    x = torch.randn(2, 7, small_config.n_embd, requires_grad=True)
+    torch.manual_seed(3)
+    out = mlp(x)
+    out.sum().backward()
+    fast_grad = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(3)
+    plain = F.dropout(mlp.c_proj(F.gelu(mlp.c_fc(x))), 0.25, training=True)
+    plain.sum().backward()
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    torch.testing.assert_close(fast_grad, x.grad, rtol=1e-5, atol=1e-7)
+    assert (out == 0).any()  # dropout really dropped something

@@ -59,13 +59,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(xc, w.t(), out=logits)
             else:
                 logits.copy_(xc @ w.t())
-            lse = torch.logsumexp(logits, dim=1)  # (n,)
+            torch.log_softmax(logits, dim=1, out=logits)  # in place: no (n, V) temporaries
             tgt = tc.clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows are masked below
-            loss += ((lse - logits.gather(1, tgt).squeeze(1)) * vc).sum()
+            loss -= (logits.gather(1, tgt).squeeze(1) * vc).sum()
             if not want_grad:
                 continue
             # d(sum of row losses)/d logits = softmax - one_hot(target), zero for ignored rows
-            logits.sub_(lse.unsqueeze(1)).exp_()
+            logits.exp_()
             logits.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, device=x.device))
             keep = vc.unsqueeze(1).to(dtype)  # (n, 1): masking the (n, C) side is cheaper than (n, V)
             g = logits if dtype == torch.float32 else logits.to(dtype)
@@ -74,17 +74,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(g.t(), xc * keep)  # (V, C), accumulated in place
             else:
                 grad_w.add_(g.t() @ (xc * keep))
-        ctx.save_for_backward(grad_x, grad_w, n_valid)
+        if want_grad:  # gradients of the mean
+            grad_x.div_(n_valid)
+            grad_w.div_(n_valid)
+        ctx.save_for_backward(grad_x, grad_w)
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w, n_valid = ctx.saved_tensors
-        scale = grad_loss / n_valid
-        return grad_x * scale, (grad_w * scale).to(grad_w.dtype), None, None
+        grad_x, grad_w = ctx.saved_tensors
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            return grad_x, grad_w, None, None  # the usual loss.backward(): no (V, C) copy
+        scale = grad_loss.to(grad_w.dtype)
+        return grad_x * scale, grad_w * scale, None, None
 
 
-def linear_cross_entropy(x, weight, targets, chunk_rows: int = 1024):
+def linear_cross_entropy(x, weight, targets, chunk_rows: int = 256):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) for x (N, C), weight (V, C), targets (N,),
     computed in chunks of rows so the (N, V) logits never exist; gradients flow to x and weight."""
     return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
@@ -163,7 +168,51 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, 4C)
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            y = _GeluLinear.apply(h, self.c_proj.weight, self.c_proj.bias)  # same values, less memory
+            if self.training and self.dropout.p > 0 and x.device.type == "cpu":
+                return _BoolMaskDropout.apply(y, self.dropout.p)  # same mask and values as nn.Dropout
+            return self.dropout(y)
+        return self.dropout(self.c_proj(self.gelu(h)))
+
+
+class _BoolMaskDropout(torch.autograd.Function):
+    """nn.Dropout for training on CPU, keeping a 1-byte mask for backward instead of PyTorch's float one
+    there (4 bytes an element); it draws the same mask from the same generator, so results are identical."""
+
+    @staticmethod
+    def forward(ctx, x, p: float):
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+        ctx.save_for_backward(keep)
+        ctx.p = p
+        return x * keep.to(x.dtype).div_(1 - p)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (keep,) = ctx.saved_tensors
+        return grad_out * keep.to(grad_out.dtype).div_(1 - ctx.p), None
+
+
+class _GeluLinear(torch.autograd.Function):
+    """c_proj(gelu(h)) that keeps only h for backward and recomputes gelu(h) there: one (B, T, 4C)
+    activation per layer less to hold (150 MB at the seed shape) for one cheap elementwise op."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        a = F.gelu(h)  # recomputed, (B, T, 4C)
+        g = grad_out.reshape(-1, grad_out.size(-1))  # (B*T, C)
+        grad_w = g.t() @ a.reshape(-1, a.size(-1)) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_h = torch.ops.aten.gelu_backward(grad_out @ weight, h) if ctx.needs_input_grad[0] else None
+        return grad_h, grad_w, grad_b
 
 
 class Block(nn.Module):
