@@ -214,7 +214,8 @@ def run_train(args):
     if result["interrupted"]:
         return 130
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
-        print(f"done: {result['step']} steps, val loss {result['val_loss']:.4f} in {result['out_dir']}")
+        val = "" if result["val_loss"] is None else f", val loss {result['val_loss']:.4f}"
+        print(f"done: {result['step']} steps{val} in {result['out_dir']}")
     return 0
 
 

@@ -341,13 +341,15 @@ def _train_loop(config, data_dir, out_dir: Path, resume, progress, new_run, meta
             f"({dtype}, {world_size} process{'es' if world_size > 1 else ''}), "
             f"{tokens_per_step:,} tokens/step, steps {step}..{config.max_iters}")  # fmt: skip
     bar = tqdm(total=config.max_iters, initial=step, disable=not (master and progress), unit="step",
-               dynamic_ncols=True)  # fmt: skip
+               dynamic_ncols=True, mininterval=1.0)  # fmt: skip
     t_start = t_last = time.time()
     tokens_at_last_log = tokens
     losses = {}
     try:
         if step == 0:
             losses = evaluate_and_checkpoint(0)
+        elif step >= config.max_iters:
+            log(f"{out_dir} already has {step} steps; pass --max-iters with more to train longer")
         while step < config.max_iters:
             # ---- one optimizer step: accumulate gradients over `accum` micro-batches -------------------
             lr = get_lr(step, config)
