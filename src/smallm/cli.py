@@ -106,8 +106,8 @@ def add_prepare(sub):
     p.add_argument(
         "--dataset",
         metavar="NAME_OR_DIR",
-        help="a Hugging Face Hub dataset or a local directory in its layout "
-        "(default: roneneldan/TinyStories; not with --text-files)",
+        default="roneneldan/TinyStories",
+        help="a Hugging Face Hub dataset or a local directory in its layout (not with --text-files)",
     )
     p.add_argument(
         "--text-files",
@@ -124,7 +124,7 @@ def add_prepare(sub):
         default=0.005,
         help="share of documents held out for validation when the source has no validation split",
     )
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the validation split")
     p.add_argument("--force", action="store_true", help="rebuild even if OUT already holds these inputs")
     p.set_defaults(run=run_prepare)
@@ -133,11 +133,11 @@ def add_prepare(sub):
 def run_prepare(args):
     from smallm.data import DEFAULT_DATASET, prepare
 
-    if args.dataset and args.text_files:
+    if args.text_files and args.dataset != DEFAULT_DATASET:
         raise SmallmError("use either --dataset or --text-files, not both")
     meta = prepare(
         out_dir=args.out,
-        dataset=args.dataset or DEFAULT_DATASET,
+        dataset=args.dataset,
         text_files=args.text_files,
         column=args.column,
         val_fraction=args.val_fraction,
