@@ -8,32 +8,15 @@ import sys
 import time
 
 import pytest
+import test_train
 import yaml
-from test_train import SMALL, write_stories
 
 from smallm.cli import main
-from smallm.data import prepare
-from smallm.train import build_config, train
+from smallm.train import build_config
 
-# 12 steps, a row per step: room to interrupt a run in the middle
-RUN = {**SMALL, "max_iters": 12, "log_interval": 1, "eval_interval": 6}
-FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_stories(root / "stories.txt")
-    prepare(out_dir=root / "prepared", text_files=[root / "stories.txt"], val_fraction=0.1, workers=1)
-    return root / "prepared"
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """The same run uninterrupted, in one process."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    result = train(build_config("seed", overrides=RUN), data_dir, run, progress=False)
-    return result, rows(run)
+# The data and the uninterrupted reference run are session fixtures of test_train, made once per session.
+data_dir, full_run, SMALL = test_train.data_dir, test_train.full_run, test_train.SMALL
+FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
 
 
 def rows(run):
@@ -80,7 +63,7 @@ def test_bad_inputs_are_one_line_and_exit_1(args, message, capsys, tmp_path, mon
     assert not (tmp_path / "runs").exists()  # nothing half-made
 
 
-def test_ctrl_c_saves_last_and_resume_matches_uninterrupted(data_dir, tmp_path, reference):
+def test_ctrl_c_saves_last_and_resume_matches_uninterrupted(data_dir, tmp_path, full_run):
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "smallm", "train", "--data", str(data_dir), "--out", str(run), *FLAGS],
@@ -98,11 +81,11 @@ def test_ctrl_c_saves_last_and_resume_matches_uninterrupted(data_dir, tmp_path, 
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"smallm train --out {run} --resume" in out
     stopped_at = json.loads((run / "last" / "state.json").read_text())["step"]
-    assert 0 < stopped_at < RUN["max_iters"]
+    assert 0 < stopped_at < SMALL["max_iters"]
 
     resumed = smallm("train", "--out", str(run), "--resume", timeout=300)  # data and config from the run
     assert resumed.returncode == 0, resumed.stderr
-    result, reference_rows = reference
+    result, reference_rows = full_run[1], rows(full_run[0])
     final = rows(run)[-1]
     assert final["step"] == 12 and final["val_loss"] == pytest.approx(result["val_loss"], rel=1e-3)
     assert final["train_loss"] == pytest.approx(result["train_loss"], rel=1e-3)
@@ -111,7 +94,7 @@ def test_ctrl_c_saves_last_and_resume_matches_uninterrupted(data_dir, tmp_path, 
     assert train_rows == expected  # every step once, same losses
 
 
-def test_torchrun_two_cpu_processes_match_one_process(data_dir, tmp_path, reference):
+def test_torchrun_two_cpu_processes_match_one_process(data_dir, tmp_path, full_run):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "smallm", "train", "--data", str(data_dir), "--out", str(run), *FLAGS]
@@ -119,7 +102,7 @@ def test_torchrun_two_cpu_processes_match_one_process(data_dir, tmp_path, refere
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout and result.stdout.count("done: 12 steps") == 1  # rank 0 speaks
-    one, reference_rows = reference
+    reference_rows = rows(full_run[0])
     ddp_rows = rows(run)
     assert [r["step"] for r in ddp_rows] == [r["step"] for r in reference_rows]  # written once, by rank 0
     for mine, theirs in zip(ddp_rows, reference_rows, strict=True):

@@ -68,6 +68,11 @@ def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device_type
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused)
 
 
+def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The torch seed for one micro-batch's dropout masks: a function of its place in training only."""
+    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1)[0])
+
+
 # ---- evaluation ------------------------------------------------------------------------------------------
 
 
@@ -355,12 +360,14 @@ def _train_loop(config, data_dir, out_dir: Path, resume, progress, new_run, meta
             lr = get_lr(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones
-            torch.manual_seed(int(np.random.SeedSequence([config.seed, step, rank]).generate_state(1)[0]))
             step_loss = torch.zeros((), device=device)
             x, y = batches.get(step, 0)
             for micro_step in range(accum):
                 last_micro = micro_step == accum - 1
+                # Dropout masks depend only on (seed, step, micro-batch of the global batch): a resumed run
+                # and a run on any number of ranks draw the same masks as one uninterrupted process.
+                micro_batch = rank * accum + micro_step
+                torch.manual_seed(micro_batch_seed(config.seed, step, micro_batch))
                 # DDP averages gradients across ranks only on the last micro-step
                 no_sync = train_model.no_sync() if ddp and not last_micro else contextlib.nullcontext()
                 with no_sync:
