@@ -167,6 +167,14 @@ def test_meaningless_sampling_settings_are_clear_errors(model, kwargs):
         model.generate(prompts(1, 3), 5, **kwargs)
 
 
+def test_negative_length_or_empty_prompt_are_clear_errors(model):
+    with pytest.raises(SmallmError, match="max_new_tokens"):
+        model.generate(prompts(1, 3), -1)
+    with pytest.raises(SmallmError, match="empty prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 5)
+    assert torch.equal(model.generate(prompts(1, 3), 0), prompts(1, 3))
+
+
 # ---- stopping at <|endoftext|> ----------------------------------------------------------------------------
 
 

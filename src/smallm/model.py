@@ -318,6 +318,8 @@ class GPT(nn.Module):
         cannot slide). Runs in eval mode (no dropout) and restores the previous mode.
         """
         B, T = idx.size()
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise SmallmError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         was_training = self.training
         self.eval()
         try:
