@@ -2,8 +2,9 @@
 
 Both sides get the seed shape (6 layers, 6 heads, 384 dims, 128 positions, GPT-2 vocabulary) with the same
 random weights, the same random prompt, and produce exactly `--new-tokens` greedy tokens (no early stop).
-Each side runs in its own child process so that its peak RSS is its own; the timings are medians of
-`--runs` runs after one warm-up. The parent checks that both produced the same tokens, then prints a table.
+Each side runs in its own child process, so that its peak RSS is its own; the two alternate run by run,
+so that both see the same load on the machine; the timings are medians of `--runs` runs after a warm-up.
+The parent checks that both produced the same tokens, then prints a table.
 
     flock /tmp/smallm-bench.lock python bench/generate_throughput.py
 """
@@ -56,7 +57,9 @@ def build_models(side: str, seed: int = 0):
     return hf
 
 
-def run_side(side: str, batch_size: int, prompt_len: int, new_tokens: int, runs: int) -> dict:
+def worker(side: str, batch_size: int, prompt_len: int, new_tokens: int) -> None:
+    """Child process: build one side, then for every line "run" on stdin generate once and answer with
+    the seconds it took; on "done" answer with the peak RSS and the tokens of the last run."""
     model = build_models(side)
     g = torch.Generator().manual_seed(1234)
     prompt = torch.randint(0, 50257, (batch_size, prompt_len), generator=g)
@@ -75,17 +78,44 @@ def run_side(side: str, batch_size: int, prompt_len: int, new_tokens: int, runs:
             )
 
     out = once()  # warm-up
-    times = []
-    for _ in range(runs):
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "done":
+            break
         t0 = time.perf_counter()
         out = once()
-        times.append(time.perf_counter() - t0)
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
     assert out.shape == (batch_size, prompt_len + new_tokens), out.shape
-    return {
-        "tokens_per_s": batch_size * new_tokens / statistics.median(times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "tokens": out[:, prompt_len:].tolist(),
-    }
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": peak, "tokens": out[:, prompt_len:].tolist()}), flush=True)
+
+
+def measure(batch_size: int, prompt_len: int, new_tokens: int, runs: int) -> dict:
+    """Start both sides as children and alternate their runs, so that both see the same machine load."""
+    procs = {}
+    for side in ("smallm", "transformers"):
+        cmd = [sys.executable, __file__, "--side", side, "--batch-size", str(batch_size)]
+        cmd += ["--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens)]
+        procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(side, line):
+        procs[side].stdin.write(line + "\n")
+        procs[side].stdin.flush()
+        return json.loads(procs[side].stdout.readline())
+
+    for side, proc in procs.items():
+        assert json.loads(proc.stdout.readline())["ready"], side
+    times = {side: [] for side in procs}
+    for _ in range(runs):
+        for side in procs:
+            times[side].append(ask(side, "run")["seconds"])
+    results = {}
+    for side, proc in procs.items():
+        final = ask(side, "done")
+        proc.wait()
+        seconds = statistics.median(times[side])
+        results[side] = {"tokens_per_s": batch_size * new_tokens / seconds, **final}
+    return results
 
 
 def main():
@@ -95,38 +125,23 @@ def main():
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=112, help="prompt + new tokens <= 128 positions")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--side", choices=["smallm", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.side:  # child: measure one side, print JSON
-        print(json.dumps(run_side(args.side, args.batch_size, args.prompt_len, args.new_tokens, args.runs)))
+    if args.side:
+        worker(args.side, args.batch_size, args.prompt_len, args.new_tokens)
         return
 
     print(
         f"greedy generation, seed shape, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
-        f"median of {args.runs} runs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"median of {args.runs} alternating runs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
     print(f"{'batch':>5} {'side':>12} {'tokens/s':>10} {'peak RSS MB':>12} {'ratio':>7}")
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        results = {}
-        for side in ("smallm", "transformers"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--side",
-                side,
-                "--batch-size",
-                str(batch_size),
-                "--prompt-len",
-                str(args.prompt_len),
-                "--new-tokens",
-                str(args.new_tokens),
-                "--runs",
-                str(args.runs),
-            ]
-            results[side] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        results = measure(batch_size, args.prompt_len, args.new_tokens, args.runs)
         same = results["smallm"]["tokens"] == results["transformers"]["tokens"]
         ratio = results["smallm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
         for side, r in results.items():
