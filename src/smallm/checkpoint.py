@@ -9,12 +9,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from smallm.config import GPTConfig
 from smallm.errors import SmallmError
+
+# torch (and safetensors.torch) are imported inside the functions that need them, so that `smallm prepare`,
+# which only needs atomic_directory, starts without paying for the torch import.
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -29,6 +30,9 @@ def atomic_directory(directory):
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield tmp
         old = None
@@ -63,15 +67,22 @@ def read_json(path) -> dict:
 
 def save_model(model, directory, extra_config: dict | None = None) -> None:
     """Write the model's weights (tied head stored once) and config into `directory`, atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    config = {**model.config.to_dict(), "tokenizer": "gpt2", **(extra_config or {})}
     with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / CONFIG, config)
+        _write_model(tmp, model, extra_config)
+
+
+def _write_model(directory: Path, model, extra_config: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    write_json(directory / CONFIG, {**model.config.to_dict(), "tokenizer": "gpt2", **(extra_config or {})})
 
 
 def load_model(directory, device="cpu"):
     """Build the GPT described by `directory/config.json` and load `directory/model.safetensors`."""
+    from safetensors.torch import load_file
+
     from smallm.model import GPT
 
     directory = Path(directory)
@@ -108,9 +119,9 @@ DEVICE_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how the op
 def save_training_state(directory, model, optimizer, state: dict, extra_config: dict | None = None) -> None:
     """Write the model (as save_model does), the optimizer, torch's RNG states and `state` (JSON-able
     scalars) into `directory`, atomically: a reader sees the old checkpoint or the new one, never a mix."""
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    weights.pop("lm_head.weight", None)  # tied to the embedding: stored once
-    config = {**model.config.to_dict(), "tokenizer": "gpt2", **(extra_config or {})}
+    import torch
+    from safetensors.torch import save_file
+
     optimizer_state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, param_state in optimizer_state["state"].items():
@@ -124,8 +135,7 @@ def save_training_state(directory, model, optimizer, state: dict, extra_config: 
         rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, state bytes)
     groups = [{k: v for k, v in g.items() if k not in DEVICE_KEYS} for g in optimizer_state["param_groups"]]
     with atomic_directory(directory) as tmp:
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / CONFIG, config)
+        _write_model(tmp, model, extra_config)
         save_file(tensors, str(tmp / OPTIMIZER))
         save_file(rng, str(tmp / RNG))
         write_json(tmp / TRAINING_STATE, {**state, "optimizer": {"param_groups": groups, "scalars": scalars}})
@@ -134,6 +144,9 @@ def save_training_state(directory, model, optimizer, state: dict, extra_config: 
 def load_training_state(directory, model, optimizer, device="cpu") -> dict:
     """Load what save_training_state wrote into `model` and `optimizer`, restore torch's RNG states, and
     return the `state` dict. Raises SmallmError if a file is missing or does not fit."""
+    import torch
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     for name in (WEIGHTS, CONFIG, OPTIMIZER, RNG, TRAINING_STATE):
         if not (directory / name).is_file():

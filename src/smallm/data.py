@@ -12,14 +12,13 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from smallm.checkpoint import atomic_directory
 from smallm.errors import SmallmError
 from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 
@@ -237,7 +236,7 @@ def prepare(
         "splits": {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS},
         "inputs": inputs,
     }
-    with _atomic_directory(out_dir) as tmp, _worker_pool(workers) as pool:
+    with atomic_directory(out_dir) as tmp, _worker_pool(workers) as pool:
         bins = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
         bar = tqdm(total=total, unit=unit, unit_scale=True, desc=f"prepare {out_dir}", smoothing=0.1)
         try:
@@ -289,26 +288,6 @@ def _finished_with(out_dir: Path, inputs: dict) -> dict | None:
     except SmallmError:
         return None
     return meta if meta.get("inputs") == inputs else None
-
-
-@contextlib.contextmanager
-def _atomic_directory(directory: Path):
-    """Yield a temporary directory next to `directory` that replaces it on success, vanishes on failure.
-
-    (smallm.checkpoint.atomic_directory does the same but importing that module imports torch.)
-    """
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield tmp
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _validation_mask(count: int, val_fraction: float, seed: int) -> np.ndarray:
