@@ -51,49 +51,6 @@ def main(argv=None) -> int:
 # ---- verbs: each adds its subparser and sets `run` to the function that does the work -----------------
 
 
-def add_export(sub):
-    p = sub.add_parser(
-        "export",
-        help="write a checkpoint as a Hugging Face GPT-2 directory",
-        description="Write RUN/best (or a checkpoint directory) as a GPT2LMHeadModel + GPT-2 tokenizer that "
-        "transformers' AutoModelForCausalLM / AutoTokenizer load offline.",
-        formatter_class=_Formatter,
-    )
-    p.add_argument("run_dir", metavar="RUN", help="run directory (its best/) or checkpoint directory")
-    p.add_argument("--format", choices=["hf"], default="hf", help="output format: Hugging Face transformers")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
-    p.set_defaults(run=run_export)
-
-
-def run_export(args):
-    from smallm.export import export_hf
-
-    out = export_hf(args.run_dir, args.out, force=args.force)
-    print(f"exported to {out}: load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
-
-
-def add_serve(sub):
-    p = sub.add_parser(
-        "serve",
-        help="serve a web page and an OpenAI-style /v1/completions endpoint",
-        description="Serve RUN/best (or a checkpoint directory): GET / is a page to write stories with, "
-        "POST /v1/completions is OpenAI-compatible (the `openai` client works), GET /health.",
-        formatter_class=_Formatter,
-    )
-    p.add_argument("run_dir", metavar="RUN", help="run directory (its best/) or checkpoint directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.set_defaults(run=run_serve)
-
-
-def run_serve(args):
-    from smallm.serve import serve
-
-    serve(args.run_dir, host=args.host, port=args.port, max_tokens_cap=args.max_tokens_cap)
-
-
 def add_prepare(sub):
     p = sub.add_parser(
         "prepare",
@@ -219,6 +176,9 @@ def run_train(args):
     return 0
 
 
+# keep this list last, in the order: prepare, train, generate, eval, export, serve
+
+
 def add_generate(sub):
     p = sub.add_parser(
         "generate",
@@ -318,5 +278,47 @@ def run_eval(args):
     )
 
 
-# keep this list last, in the order: prepare, train, generate, eval, export, serve
+def add_export(sub):
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face GPT-2 directory",
+        description="Write RUN/best (or a checkpoint directory) as a GPT2LMHeadModel + GPT-2 tokenizer that "
+        "transformers' AutoModelForCausalLM / AutoTokenizer load offline.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="run directory (its best/) or checkpoint directory")
+    p.add_argument("--format", choices=["hf"], default="hf", help="output format: Hugging Face transformers")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args):
+    from smallm.export import export_hf
+
+    out = export_hf(args.run_dir, args.out, force=args.force)
+    print(f"exported to {out}: load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def add_serve(sub):
+    p = sub.add_parser(
+        "serve",
+        help="serve a web page and an OpenAI-style /v1/completions endpoint",
+        description="Serve RUN/best (or a checkpoint directory): GET / is a page to write stories with, "
+        "POST /v1/completions is OpenAI-compatible (the `openai` client works), GET /health.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("run_dir", metavar="RUN", help="run directory (its best/) or checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args):
+    from smallm.serve import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, max_tokens_cap=args.max_tokens_cap)
+
+
 VERBS = [add_prepare, add_train, add_generate, add_eval, add_export, add_serve]
