@@ -19,7 +19,9 @@ from smallm.train import (
     TrainConfig,
     build_config,
     configure_optimizer,
+    cpu_has_amx_bf16,
     get_lr,
+    pick_dtype,
     resume_config,
     train,
 )
@@ -143,6 +145,31 @@ def test_weight_decay_applies_to_matrices_only(small_config):
         "transformer.h.0.attn.c_attn.bias",
     }
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))  # tied head once
+
+
+def test_cpu_amx_bf16_is_read_from_the_cpu_flags(tmp_path):
+    (tmp_path / "amx").write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    (tmp_path / "plain").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert cpu_has_amx_bf16(str(tmp_path / "amx"))
+    assert not cpu_has_amx_bf16(str(tmp_path / "plain"))
+    assert not cpu_has_amx_bf16(str(tmp_path / "missing"))  # macOS, Windows: no /proc/cpuinfo
+
+
+def test_auto_dtype_is_bf16_on_amx_cpus_and_bf16_gpus_and_an_explicit_dtype_wins(monkeypatch):
+    import smallm.train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(smallm.train, "cpu_has_amx_bf16", lambda: True)
+    assert pick_dtype("auto", cpu) == ("bfloat16", "auto: the CPU has AMX-BF16")
+    assert pick_dtype("float32", cpu) == ("float32", "asked for")
+    monkeypatch.setattr(smallm.train, "cpu_has_amx_bf16", lambda: False)
+    assert pick_dtype("auto", cpu)[0] == "float32"
+    assert pick_dtype("bfloat16", cpu)[0] == "bfloat16"
+    assert pick_dtype("auto", torch.device("mps"))[0] == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pick_dtype("auto", torch.device("cuda:0"))[0] == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pick_dtype("auto", torch.device("cuda:0"))[0] == "float16"  # with a grad scaler
 
 
 # ---- runs ------------------------------------------------------------------------------------------------

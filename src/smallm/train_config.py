@@ -55,7 +55,10 @@ class TrainConfig:
     log_interval: int = _field(10, "write a metrics row every this many steps")
     # system
     device: str = _field("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = _field("auto", "auto (bf16, else fp16 on GPU; fp32 on CPU), float32, bfloat16, float16")
+    dtype: str = _field(
+        "auto",
+        "auto (GPU: bf16, else fp16; CPU: bf16 if it has AMX-BF16, else fp32), float32, bfloat16, float16",
+    )
     compile: bool = _field(False, "torch.compile the model")
     seed: int = _field(1337, "seed for initialization, data order and dropout")
 
