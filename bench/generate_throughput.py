@@ -30,29 +30,9 @@ def build_models(side: str, seed: int = 0):
     model = GPT(GPTConfig(dropout=0.0)).eval()
     if side == "smallm":
         return model
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from smallm.export import to_transformers
 
-    c = model.config
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            activation_function="gelu",
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    ).eval()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out)
-        conv1d = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
-        state[name] = tensor.t().contiguous() if conv1d else tensor
-    hf.load_state_dict(state, strict=False)  # HF may also hold non-persistent attention-mask buffers
-    hf.tie_weights()
+    hf = to_transformers(model)
     del model
     return hf
 

@@ -14,14 +14,7 @@ from smallm.cli import main
 from smallm.evaluate import evaluate
 from smallm.tokenizer import EOT_TOKEN
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and other test processes may share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -12,14 +12,7 @@ from smallm.generate import detokenize, generate_text, resolve_checkpoint, strea
 from smallm.model import sample_next_token, top_k_filter, top_p_filter
 from smallm.tokenizer import EOT_TOKEN
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and other test processes may share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -67,13 +60,9 @@ def test_kv_cache_logits_equal_full_forward(model):
 
 
 def test_greedy_equals_transformers_greedy_on_the_same_weights(model):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from smallm.export import to_transformers
 
-    from smallm.export import hf_config, hf_state_dict
-
-    hf = GPT2LMHeadModel(GPT2Config(**hf_config(model.config))).eval()
-    hf.load_state_dict(hf_state_dict(model), strict=False)
-    hf.tie_weights()
+    hf = to_transformers(model)
     idx = prompts(2, 6)
     new = model.config.block_size - 6  # transformers cannot go past n_positions
     expected = hf.generate(

@@ -6,33 +6,6 @@ import torch
 from smallm import GPT, GPTConfig, SmallmError
 
 
-def hf_gpt2_with_weights_of(model: GPT):
-    """transformers' GPT2LMHeadModel of the same shape, holding the same weights (the external oracle)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    c = model.config
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            activation_function="gelu",
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            layer_norm_epsilon=1e-5,
-        )
-    ).eval()
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    state = {k: (v.t() if k.endswith(conv1d) else v) for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected
-    assert all(".attn.bias" in k or ".attn.masked_bias" in k for k in missing)  # HF's causal-mask buffers
-    return hf
-
-
 def test_default_config_is_the_seed():
     c = GPTConfig()
     assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == (50257, 128, 6, 6, 384)
@@ -61,8 +34,12 @@ def test_invalid_config_is_a_clear_error(kwargs, message):
 
 
 def test_logits_equal_transformers_gpt2(small_config):
+    # transformers' GPT2LMHeadModel with the same weights (Conv1D ones transposed) is the external oracle
+    from smallm.export import to_transformers
+
     model = GPT(small_config).eval()
-    hf = hf_gpt2_with_weights_of(model)
+    hf = to_transformers(model)
+    assert type(hf).__name__ == "GPT2LMHeadModel" and hf.config.activation_function == "gelu"
     idx = torch.randint(0, small_config.vocab_size, (3, small_config.block_size))
     with torch.no_grad():
         ours, _ = model(idx, idx)

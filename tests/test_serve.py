@@ -2,19 +2,18 @@
 with JSON errors, and concurrent clients that each get exactly their own output."""
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-import uvicorn
+from conftest import running_server
 from fastapi.testclient import TestClient
 
 from smallm import GPTConfig, get_tokenizer
 from smallm.cli import build_parser, main
 from smallm.model import GPT
-from smallm.serve import bind_socket, create_app
+from smallm.serve import create_app
 
 CAP = 48
 
@@ -33,21 +32,8 @@ def client(model):
 @pytest.fixture(scope="module")
 def server(model):
     """A real uvicorn server on a free localhost port, in a background thread; yields its base URL."""
-    sock = bind_socket("127.0.0.1", 0)
-    app = create_app(model, model_name="tiny", max_tokens_cap=CAP)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            threading.Event().wait(0.05)
-    yield base
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(model, model_name="tiny", max_tokens_cap=CAP)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

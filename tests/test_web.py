@@ -5,18 +5,16 @@ SMALLM_SKIP_BROWSER=1 to skip it explicitly (the skip reason says the page went 
 import os
 import re
 import tempfile
-import threading
 import warnings
 from importlib import resources
 
-import httpx
 import pytest
 import torch
-import uvicorn
+from conftest import running_server
 
 from smallm import GPTConfig, get_tokenizer
 from smallm.model import GPT
-from smallm.serve import bind_socket, create_app
+from smallm.serve import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -51,22 +49,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model):
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(model, model_name="tiny", max_tokens_cap=64), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            threading.Event().wait(0.05)
-    yield base
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(model, model_name="tiny", max_tokens_cap=64)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

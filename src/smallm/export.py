@@ -78,6 +78,21 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def to_transformers(model):
+    """A transformers GPT2LMHeadModel holding this model's weights, in eval mode (needs `transformers`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config(model.config))).eval()
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    # transformers may keep non-persistent causal-mask buffers (".attn.bias") and re-ties the head itself
+    if unexpected or any(not (k.endswith(".attn.bias") or k == "lm_head.weight") for k in missing):
+        raise SmallmError(
+            f"transformers' GPT-2 does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    hf.tie_weights()
+    return hf.to(next(model.parameters()).device)
+
+
 def _tokenizer_config(block_size: int) -> dict:
     return {
         "tokenizer_class": "GPT2Tokenizer",
