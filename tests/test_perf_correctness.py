@@ -115,6 +115,24 @@ def test_mlp_recomputing_gelu_matches_the_plain_mlp_and_its_gradients(small_conf
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_mlp_recomputing_gelu_under_bf16_autocast_matches_the_plain_mlp(small_config):
+    small_config.dropout = 0.0
+    mlp = MLP(small_config)
+    x = torch.randn(3, 5, small_config.n_embd, requires_grad=True)
+    params = (x, *mlp.parameters())
+    grads = []
+    for fast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mlp(x) if fast else mlp.c_proj(F.gelu(mlp.c_fc(x)))
+        out.float().square().sum().backward()
+        grads.append([t.grad.clone() for t in params])
+        assert out.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads[-1])
+        for t in params:
+            t.grad = None
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_mlp_dropout_draws_the_same_mask_and_values_as_nn_dropout(small_config):
     small_config.dropout = 0.25
     mlp = MLP(small_config).train()
