@@ -4,9 +4,14 @@ Each model trains in its own subprocess (so peak RSS is that model's alone) for 
 fetch from a uint16 memmap, forward, backward, clip 0.5, AdamW (lr 1e-4, betas 0.9/0.95, weight decay 0.1
 on matrices), zero_grad. We print the median tokens/s after warm-up, the ratio to the peer, peak memory
 (RSS on CPU, max_memory_allocated on CUDA) and the physical floor (6 x params x tokens FLOPs against the
-measured matmul rate on CPU, the card's bf16 peak on CUDA, i.e. MFU).
+measured matmul rate of the row's dtype on CPU, the card's bf16 peak on CUDA, i.e. MFU).
+
+Defaults a user would get: `ours` trains in the dtype `smallm train --dtype auto` resolves to (bf16 autocast
+on GPUs and on CPUs with AMX-BF16, else fp32) and `hf` in fp32, what GPT2LMHeadModel does unless told.
+`MODEL:fp32` / `MODEL:bf16` pin a dtype, for like-for-like rows; each row's ratio is against `hf` (fp32).
 
     flock /tmp/smallm-bench.lock python bench/train_throughput.py              # CPU, seed shape, 32 x 128
+    flock /tmp/smallm-bench.lock python bench/train_throughput.py --models ours,hf   # defaults only
     python bench/train_throughput.py --device cuda --batch-size 64 --compile   # on a GPU
 """
 
@@ -74,12 +79,12 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def mmap_big_blocks() -> None:
+def mmap_big_blocks(threshold: int = 1 << 20) -> None:
     """glibc: serve blocks >= 1 MiB by mmap and unmap them when freed, so RSS follows live memory
     (~0.5 GB less peak RSS here) at the price of page faults (~0.5 s a step here); not smallm's default."""
     import ctypes
 
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
 def peak_rss_bytes() -> int:
@@ -98,10 +103,12 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
     device = args.device
     cfg = GPTConfig(block_size=args.block_size, dropout=args.dropout)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
+    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]  # resolved by the parent
     ours = args.model.startswith("ours")
     if args.model == "ours-lowmem" and device == "cpu":
         mmap_big_blocks()
+    if args.model == "ours-mmap32" and device == "cpu":
+        mmap_big_blocks(32 << 20)  # only the loss buffers and the (V, C) gradient and weight copies
     if ours:
         from smallm.model import GPT
 
@@ -196,9 +203,28 @@ def matmul_gflops(device: str) -> float:
     return 2 * 4096 * 384 * 50257 / best / 1e9
 
 
-def start_worker(args, model: str, data: Path) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--worker", model, "--data", str(data)]
-    for flag in ("device", "batch_size", "block_size", "dropout", "threads", "dtype"):
+def bf16_matmul_gflops(device: str) -> float:
+    """The same matmul under bf16 autocast (AMX on CPUs that have it)."""
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        return matmul_gflops(device)
+
+
+def resolve_dtype(spec: str, device: str) -> str:
+    """`ours` -> what `smallm train --dtype auto` picks here; `hf` -> fp32 (its default); `X:fp32` -> fp32."""
+    name, _, dtype = spec.partition(":")
+    if dtype:
+        return dtype
+    if name.startswith("ours"):
+        from smallm.train import pick_dtype
+
+        return {"float32": "fp32", "bfloat16": "bf16"}[pick_dtype("auto", torch.device(device))[0]]
+    return "fp32"
+
+
+def start_worker(args, spec: str, data: Path) -> subprocess.Popen:
+    model, dtype = spec.partition(":")[0], resolve_dtype(spec, args.device)
+    cmd = [sys.executable, __file__, "--worker", model, "--data", str(data), "--dtype", dtype]
+    for flag in ("device", "batch_size", "block_size", "dropout", "threads"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--loss", args.loss, "--fused", args.fused] + (["--compile"] if args.compile else [])
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -219,6 +245,7 @@ def run_lockstep(args, models: list[str], data: Path) -> dict:
     results = {}
     for m, proc in procs.items():
         results[m] = {"params": json.loads(proc.stdout.readline())["params"], "times": []}
+        results[m]["dtype"] = resolve_dtype(m, args.device)
     for step in range(args.warmup + args.steps):
         for m, proc in procs.items():
             r = ask(proc, "step")
@@ -242,17 +269,19 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (both models)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help=argparse.SUPPRESS)  # workers
     p.add_argument("--loss", default="chunked", choices=["chunked", "full"], help="ours: loss path")
     p.add_argument("--fused", default="fused", choices=["fused", "foreach", "loop"], help="ours: AdamW impl")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument(
         "--models",
-        default="ours,hf",
-        help="comma-separated, run in lockstep: ours (smallm train's defaults), hf (the peer), "
-        "ours-lowmem (ours + glibc mmap threshold 1 MiB), ours-full (full logits, torch's default AdamW)",
+        default="ours,hf,ours:fp32,hf:bf16",
+        help="comma-separated, run in lockstep: ours (smallm train's defaults, dtype auto), hf (the peer, "
+        "fp32), ours-lowmem (ours + glibc mmap threshold 1 MiB), ours-mmap32 (32 MiB), ours-full (full "
+        "logits, torch's default AdamW); a :fp32 or :bf16 suffix pins the autocast dtype",
     )
-    p.add_argument("--worker", choices=["ours", "ours-lowmem", "ours-full", "hf"], help=argparse.SUPPRESS)
+    workers = ["ours", "ours-lowmem", "ours-mmap32", "ours-full", "hf"]
+    p.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -271,43 +300,59 @@ def main():
         peak = gpu_peak_flops(name)
         rate_note = f"{name}, bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else f"{name}, peak unknown"
         mem_label = "peak CUDA mem"
+        peak_bf16 = peak
     else:
         peak = matmul_gflops("cpu") * 1e9
-        rate_note = f"fp32 matmul {peak / 1e9:.0f} GFLOP/s measured, {torch.get_num_threads()} threads"
+        peak_bf16 = bf16_matmul_gflops("cpu") * 1e9
+        rate_note = (
+            f"matmul measured fp32 {peak / 1e9:.0f} / bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, "
+            f"{torch.get_num_threads()} threads"
+        )
         mem_label = "peak RSS"
     print(
         f"device {args.device} ({rate_note}); batch {args.batch_size} x {args.block_size}; "
-        f"dtype {args.dtype}; "
         f"ours: loss {args.loss}, AdamW {args.fused}{', compiled' if args.compile else ''}; "
         f"median (and best) of {args.steps} steps after {args.warmup} warm-up"
     )
     base = results.get("hf")
     print(
-        f"{'model':<11}{'params':>8}{'s/step':>9}{'tokens/s':>10}{'ratio':>7}{'best s':>8}{'ratio':>7}"
+        f"{'model':<12}{'dtype':>6}{'params':>8}{'s/step':>9}{'tokens/s':>10}{'ratio':>7}"
+        f"{'best s':>8}{'ratio':>7}"
         f"{mem_label:>15}{'ratio':>7}"
         f"{'util':>7}"
     )
     for m, r in results.items():
         tps = tokens / r["step_s"]
         flops = 6 * r["params"] * tokens
-        util = flops / r["step_s"] / peak
+        util = flops / r["step_s"] / (peak_bf16 if r["dtype"] == "bf16" and args.device == "cpu" else peak)
         ratio = f"{(base['step_s'] / r['step_s']):.2f}x" if base else "-"
         bratio = f"{(base['best_s'] / r['best_s']):.2f}x" if base else "-"
         mratio = f"{r['peak_bytes'] / base['peak_bytes']:.2f}" if base else "-"
         print(
-            f"{m:<11}{r['params'] / 1e6:>7.1f}M{r['step_s']:>9.3f}{tps:>10.0f}{ratio:>7}"
+            f"{m:<12}{r['dtype']:>6}{r['params'] / 1e6:>7.1f}M{r['step_s']:>9.3f}{tps:>10.0f}{ratio:>7}"
             f"{r['best_s']:>8.3f}{bratio:>7}"
             f"{r['peak_bytes'] / 2**30:>13.2f}GB{mratio:>7}{util:>7.0%}"
         )
+    # Like for like: each pinned-dtype row against hf in the same dtype (hf is fp32 by default).
+    by_dtype = {r["dtype"]: r for m, r in results.items() if m.partition(":")[0] == "hf"}
+    for m, r in results.items():
+        peer = by_dtype.get(r["dtype"])
+        if m.startswith("ours") and peer is not None:
+            print(
+                f"{m} vs hf, both {r['dtype']}: {peer['step_s'] / r['step_s']:.2f}x tokens/s, "
+                f"{r['peak_bytes'] / peer['peak_bytes']:.2f} of its {mem_label}"
+            )
     ours = results.get("ours") or next(iter(results.values()))
     if ours:
         flops = 6 * ours["params"] * tokens
-        floor = flops / peak
+        floors = f"{flops / peak:.2f} s/step fp32"
+        if args.device == "cpu":
+            floors += f", {flops / peak_bf16:.2f} s/step bf16"
         print(
             f"floor: 6 x {ours['params'] / 1e6:.1f}M params x {tokens} tokens = {flops / 1e12:.2f} TFLOP/step"
-            " "
-            f"-> {floor:.2f} s/step = {tokens / floor:.0f} tokens/s at the measured/peak rate "
-            f"({'MFU' if args.device == 'cuda' else 'share of the matmul rate'}: the util column)"
+            f" -> {floors} at the measured/peak rate "
+            f"({'MFU' if args.device == 'cuda' else 'share of the matmul rate of its dtype'}: "
+            "the util column)"
         )
 
 
