@@ -104,6 +104,20 @@ def test_from_hf_reads_the_export_back(exported):
         assert torch.equal(model(idx, targets=idx)[0], again(idx, targets=idx)[0])
 
 
+def test_generate_accepts_an_exported_directory(exported, capsys):
+    # `smallm generate hf-model` (and eval, serve) read a Hugging Face directory through GPT.from_hf
+    model, directory = exported
+    assert main(["generate", str(directory), "--prompt", "Once upon a time", "--temperature", "0",
+                 "--max-new-tokens", "8", "--no-stop-at-eot"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    from smallm import get_tokenizer
+
+    enc = get_tokenizer()
+    prompt = enc.encode("Once upon a time")
+    expected = model.generate(torch.tensor([prompt]), 8, temperature=0)[0].tolist()
+    assert out.rstrip("\n") == enc.decode(expected)
+
+
 def test_from_hf_refuses_tanh_gelu(exported, tmp_path):
     _, directory = exported
     for name in ("model.safetensors", "vocab.json"):

@@ -80,7 +80,9 @@ def _write_model(directory: Path, model, extra_config: dict | None) -> None:
 
 
 def load_model(directory, device="cpu"):
-    """Build the GPT described by `directory/config.json` and load `directory/model.safetensors`."""
+    """Build the GPT described by `directory/config.json` and load `directory/model.safetensors`.
+
+    A GPT-2-shaped Hugging Face directory (config.json with a model_type) is read with export.load_hf."""
     from safetensors.torch import load_file
 
     from smallm.model import GPT
@@ -89,6 +91,10 @@ def load_model(directory, device="cpu"):
     if not directory.is_dir():
         raise SmallmError(f"no checkpoint directory at {directory}")
     config_dict = read_json(directory / CONFIG)
+    if "model_type" in config_dict:  # a Hugging Face directory, e.g. one `smallm export` wrote
+        from smallm.export import load_hf
+
+        return load_hf(directory, device)
     if config_dict.get("tokenizer", "gpt2") != "gpt2":
         raise SmallmError(
             f"{directory} uses tokenizer {config_dict['tokenizer']!r}; smallm knows only 'gpt2'"
