@@ -202,8 +202,8 @@ def resume_config(out_dir, overrides: dict | None = None) -> tuple[TrainConfig, 
     path = Path(out_dir) / "config.yaml"
     if not path.is_file():
         raise SmallmError(f"nothing to resume in {out_dir}: {path} is missing")
+    config = TrainConfig(**read_config_file(path))  # a broken file is a SmallmError here, not a traceback
     saved = yaml.safe_load(path.read_text())
-    config = TrainConfig(**read_config_file(path))
     for name in SHAPE_FIELDS:
         if name in (overrides or {}) and _coerce(name, overrides[name]) != getattr(config, name):
             raise SmallmError(f"--{name.replace('_', '-')} cannot change when resuming: the weights fix it")
