@@ -146,7 +146,9 @@ class Generator:
             return ""
         req = job.req
         stops = req.stop or []
-        generator = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
+        generator = None
+        if req.seed is not None:  # on the model's device: multinomial refuses a CPU generator for CUDA probs
+            generator = torch.Generator(device=self.model.lm_head.weight.device).manual_seed(req.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, emitted = "", 0
         tokens = stream(
@@ -348,6 +350,7 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, max_tokens_cap:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: any free port), or a SmallmError saying why not."""
+    sock = None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
@@ -356,6 +359,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
         sock.listen(128)
     except OSError as e:
+        if sock is not None:
+            sock.close()  # a port in use must not leave an open socket behind
         raise SmallmError(
             f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host/--port"
         ) from e
