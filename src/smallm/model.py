@@ -37,10 +37,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows: int):
+    def forward(ctx, x, weight, targets, chunk_rows: int, grad_enabled: bool):
         # x (N, C), weight (V, C), targets (N,) with -1 = ignore
         N, V = x.size(0), weight.size(0)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad only says requires_grad, also under no_grad/inference_mode (evaluation), where
+        # the two gradient matmuls would be wasted; grad mode is off in here, so the caller passes it.
+        want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         dtype = x.dtype  # matmul dtype: the autocast dtype if autocast is on (bf16 on GPU), else x's
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -84,15 +86,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
-            return grad_x, grad_w, None, None  # the usual loss.backward(): no (V, C) copy
+            return grad_x, grad_w, None, None, None  # the usual loss.backward(): no (V, C) copy
         scale = grad_loss.to(grad_w.dtype)
-        return grad_x * scale, grad_w * scale, None, None
+        return grad_x * scale, grad_w * scale, None, None, None
 
 
 def linear_cross_entropy(x, weight, targets, chunk_rows: int = 256):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) for x (N, C), weight (V, C), targets (N,),
     computed in chunks of rows so the (N, V) logits never exist; gradients flow to x and weight."""
-    return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+    return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows, torch.is_grad_enabled())
 
 
 class KVCache:
