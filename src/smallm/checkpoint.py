@@ -47,12 +47,17 @@ def atomic_directory(directory):
         raise
 
 
-def write_json(path, obj) -> None:
-    """Write JSON to path atomically (temp file, then rename)."""
+def write_text(path, text: str) -> None:
+    """Write text to path atomically (temp file, then rename): a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    """Write JSON to path atomically (temp file, then rename)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path) -> dict:

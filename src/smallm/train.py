@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smallm.checkpoint import load_training_state, save_model, save_training_state
+from smallm.checkpoint import load_training_state, save_model, save_training_state, write_text
 from smallm.data import Batches, read_meta
 from smallm.errors import SmallmError
 from smallm.model import GPT
@@ -183,9 +183,7 @@ def rewrite_metrics(path: Path, last_step: int) -> None:
         with contextlib.suppress(json.JSONDecodeError):
             if json.loads(line).get("step", 0) <= last_step:
                 kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -301,7 +299,7 @@ def _train_loop(
         if new_run:
             point_latest(out_dir)
         preset_note = {"data_dir": str(data_dir)}
-        (out_dir / "config.yaml").write_text(config_to_yaml(config, **preset_note))
+        write_text(out_dir / "config.yaml", config_to_yaml(config, **preset_note))  # resume reads it
         if resume:
             rewrite_metrics(metrics_path, step)
     log = (lambda msg: tqdm.write(msg)) if master else (lambda msg: None)
