@@ -333,13 +333,11 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, max_tokens_cap:
     """Load RUN/best (or a checkpoint directory) and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from smallm.checkpoint import load_model
-    from smallm.generate import resolve_checkpoint
+    from smallm.generate import load_for_inference
 
     if not 0 <= port <= 65535:
         raise SmallmError(f"--port {port} is not a TCP port (0-65535)")
-    directory = resolve_checkpoint(checkpoint)
-    model = load_model(directory, "cuda" if torch.cuda.is_available() else "cpu")
+    model, directory = load_for_inference(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
     directory = Path(directory).resolve()
     name = directory.parent.name if directory.name == "best" else directory.name
     app = create_app(model, model_name=name or "smallm", max_tokens_cap=max_tokens_cap)
