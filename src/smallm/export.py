@@ -204,8 +204,8 @@ def export_hf(checkpoint, out_dir, force: bool = False) -> Path:
         raise SmallmError(f"--out {out_dir} is a file; give a directory path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force and not _is_export(out_dir):
         raise SmallmError(f"{out_dir} exists and is not a smallm export; choose another --out or use --force")
-    if out_dir.resolve() == checkpoint.resolve():
-        raise SmallmError(f"--out {out_dir} is the checkpoint itself; choose another directory")
+    if out_dir.resolve() in (checkpoint.resolve(), *checkpoint.resolve().parents):  # --force would delete it
+        raise SmallmError(f"--out {out_dir} is or holds the checkpoint itself; choose another directory")
     model = load_model(checkpoint, "cpu")
     vocab_bpe, encoder_json = bpe_files()
     with atomic_directory(out_dir) as tmp:
