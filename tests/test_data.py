@@ -158,6 +158,15 @@ def test_truncated_bin_is_detected_by_the_reader(tmp_path):
         Batches(data, "train", batch_size=2, block_size=8)
 
 
+def test_meta_without_token_counts_is_a_clear_error(tmp_path):
+    data = write_prepared(tmp_path / "d")
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["splits"]["train"]["tokens"]
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SmallmError, match="prepare --force"):
+        read_meta(data)
+
+
 def test_reader_names_a_missing_directory_or_meta(tmp_path):
     with pytest.raises(SmallmError, match="smallm prepare"):
         open_split(tmp_path / "nowhere", "train")

@@ -125,3 +125,25 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, small_config):
         GPT.from_pretrained(tmp_path / "ckpt")
     with pytest.raises(SmallmError, match="no checkpoint"):
         GPT.from_pretrained(tmp_path / "nowhere")
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path, small_config, monkeypatch):
+    import os
+
+    import smallm.checkpoint as checkpoint
+
+    GPT(small_config).save_pretrained(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # renaming the finished new directory into place fails
+        if ".tmp-" in str(src) and os.path.isdir(src):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        GPT(small_config).save_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary or old copies left

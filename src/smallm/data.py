@@ -55,7 +55,12 @@ def read_meta(data_dir) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SmallmError(f"{meta_path} is not valid JSON ({e}); rerun `smallm prepare --force`") from e
-    if meta.get("dtype") != "uint16" or not isinstance(meta.get("splits"), dict):
+    splits = meta.get("splits")
+    if (
+        meta.get("dtype") != "uint16"
+        or not isinstance(splits, dict)
+        or not all(isinstance(info, dict) and isinstance(info.get("tokens"), int) for info in splits.values())
+    ):
         raise SmallmError(f"{meta_path} does not describe uint16 token files; rerun `smallm prepare --force`")
     for split, info in meta["splits"].items():
         _check_bin(data_dir, split, info)
