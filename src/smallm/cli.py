@@ -209,14 +209,12 @@ def add_generate(sub):
 
 
 def run_generate(args):
-    import torch
 
     from smallm.generate import generate_text, load_for_inference
 
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise SmallmError("--max-new-tokens must be >= 0 and --num-samples >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_for_inference(args.run_dir, device)
+    model, _ = load_for_inference(args.run_dir, args.device)
     tty = sys.stdout.isatty()
 
     def write(text):
@@ -261,13 +259,10 @@ def add_eval(sub):
 def run_eval(args):
     import json
 
-    import torch
-
     from smallm.evaluate import evaluate
     from smallm.generate import load_for_inference
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, checkpoint = load_for_inference(args.run_dir, device)
+    model, checkpoint = load_for_inference(args.run_dir, args.device)
     result = evaluate(model, args.data, args.split, args.batch_size, progress=sys.stderr.isatty())
     print(json.dumps(result))
     bpb = "n/a" if result["bits_per_byte"] is None else f"{result['bits_per_byte']:.4f}"

@@ -33,8 +33,10 @@ def resolve_checkpoint(path) -> Path:
     )
 
 
-def load_for_inference(path, device="cpu"):
-    """resolve_checkpoint + load_model, in eval mode. Returns (model, checkpoint directory)."""
+def load_for_inference(path, device=None):
+    """resolve_checkpoint + load_model, in eval mode, on `device` (default: cuda if available, else cpu).
+    Returns (model, checkpoint directory)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     directory = resolve_checkpoint(path)
     return load_model(directory, device).eval(), directory
 

@@ -337,7 +337,7 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, max_tokens_cap:
 
     if not 0 <= port <= 65535:
         raise SmallmError(f"--port {port} is not a TCP port (0-65535)")
-    model, directory = load_for_inference(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+    model, directory = load_for_inference(checkpoint)
     directory = Path(directory).resolve()
     name = directory.parent.name if directory.name == "best" else directory.name
     app = create_app(model, model_name=name or "smallm", max_tokens_cap=max_tokens_cap)
