@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -356,6 +357,9 @@ def _dataset_tasks(dataset: str, column: str, val_fraction: float, seed: int):
     import datasets
 
     local = Path(dataset).exists()
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # without network the Hub client warns at each of its retries
     try:
         splits = datasets.load_dataset(dataset)
     except Exception as e:  # the Hub client raises many kinds (offline, HTTP, not found, bad files)
@@ -367,6 +371,8 @@ def _dataset_tasks(dataset: str, column: str, val_fraction: float, seed: int):
             "local copy of TinyStories: `smallm prepare --text-files TinyStories-train.txt` or "
             "`--dataset DIR` (a directory in Hugging Face layout, e.g. DIR/data/train-*.parquet)"
         ) from e
+    finally:
+        hub_log.setLevel(level)
     if not isinstance(splits, datasets.DatasetDict):
         splits = datasets.DatasetDict({"train": splits})
     train_name = "train" if "train" in splits else (next(iter(splits)) if len(splits) == 1 else None)
