@@ -117,17 +117,9 @@ def worker(args) -> None:
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        hf_cfg = GPT2Config(
-            vocab_size=cfg.vocab_size,
-            n_positions=cfg.block_size,
-            n_embd=cfg.n_embd,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            activation_function="gelu",
-            resid_pdrop=cfg.dropout,
-            embd_pdrop=cfg.dropout,
-            attn_pdrop=cfg.dropout,
-        )
+        from smallm.export import hf_config
+
+        hf_cfg = GPT2Config(**hf_config(cfg))  # same shape and dropout as ours
         hf_cfg._attn_implementation = "sdpa"
         model = GPT2LMHeadModel(hf_cfg)
         n_params = sum(p.numel() for p in model.parameters())
