@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from smallm.model import GPT, MLP, linear_cross_entropy
+from smallm.model import GPT, MLP, CausalSelfAttention, _CausalAttentionDropout, linear_cross_entropy
 
 
 def _grads(model):
@@ -148,3 +148,75 @@ def test_mlp_dropout_draws_the_same_mask_and_values_as_nn_dropout(small_config):
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     torch.testing.assert_close(fast_grad, x.grad, rtol=1e-5, atol=1e-7)
     assert (out == 0).any()  # dropout really dropped something
+
+
+def test_linear_cross_entropy_gradients_under_bf16_autocast_match_the_plain_loss():
+    # V > 4096 and not a multiple of it: grad_w is accumulated a vocabulary slice at a time, uneven last one
+    N, C, V = 40, 16, 9000
+    x = torch.randn(N, C, requires_grad=True)
+    w = torch.randn(V, C, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[3] = -1
+    grads = []
+    for fast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fast:
+                loss = linear_cross_entropy(x, w, targets, chunk_rows=16)
+            else:
+                loss = F.cross_entropy((x @ w.t()).float(), targets, ignore_index=-1)
+        loss.backward()
+        grads.append((loss.detach(), x.grad.clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    (loss, gx, gw), (ref_loss, ref_gx, ref_gw) = grads
+    assert gx.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
+    # bf16 inputs to the gradient matmuls: a few parts in 1000 of the largest entry
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-2 * ref_gx.abs().max().item())
+    torch.testing.assert_close(gw, ref_gw, rtol=0, atol=1e-2 * ref_gw.abs().max().item())
+    assert gw[4096:].abs().sum() > 0 and gw[8192:].abs().sum() > 0  # every slice got its share
+
+
+def _attention_reference(q, k, v, keep, p):
+    """softmax(q k^T / sqrt(hs)) with a causal mask, dropout by the given mask, @ v; plain autograd."""
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5
+    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    probs = F.softmax(att, dim=-1, dtype=torch.promote_types(att.dtype, torch.float32))  # fp32 for bf16
+    return (probs * keep / (1 - p)).to(v.dtype) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpu_attention_with_dropout_matches_the_plain_computation_and_its_gradients(dtype):
+    p = 0.3
+    q, k, v = (torch.randn(2, 3, 9, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad_y = torch.randn(2, 3, 9, 8, dtype=dtype)
+    torch.manual_seed(5)
+    y = _CausalAttentionDropout.apply(q, k, v, p)
+    y.backward(grad_y)
+    got = [y.detach()] + [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(5)  # the same draw: a (B, nh, T, T) boolean mask, first thing
+    keep = torch.empty(2, 3, 9, 9, dtype=torch.bool).bernoulli_(1 - p)
+    assert 0 < keep.float().mean() < 1
+    y_ref = _attention_reference(q, k, v, keep, p)
+    y_ref.backward(grad_y)
+    want = [y_ref.detach()] + [t.grad for t in (q, k, v)]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("y", "q", "k", "v"), got, want, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_training_attention_on_cpu_draws_the_same_dropout_as_the_explicit_path(small_config):
+    small_config.dropout = 0.2
+    attn = CausalSelfAttention(small_config, layer=0).train()
+    x = torch.randn(2, 10, small_config.n_embd)
+    attn.use_sdpa = False
+    torch.manual_seed(11)
+    with torch.no_grad():  # the explicit path: scores, softmax, nn.Dropout, @ v
+        explicit = attn(x)
+    torch.manual_seed(11)
+    fast = attn(x)  # with grad: the memory-saving autograd Function
+    assert fast.grad_fn is not None
+    torch.testing.assert_close(fast, explicit, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     The forward pass goes over chunks of rows: logits (rows, V), log-softmax, the loss, and right away the
     gradient of the summed loss w.r.t. the logits (softmax - one_hot), turned into the gradients w.r.t. x
     and weight. Only those two (the size of x and of weight) are kept for backward, which just scales them.
-    Same three matmuls as the straightforward way, but one (rows, V) buffer instead of several (N, V) copies.
+    Same three matmuls as the straightforward way, but (rows, V) buffers reused per chunk instead of several
+    (N, V) copies.
     """
 
     @staticmethod
@@ -52,15 +53,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if want_grad else None
         grad_w = torch.zeros_like(weight) if want_grad else None
-        buf = torch.empty(min(chunk_rows, N), V, dtype=torch.float32, device=x.device)  # reused per chunk
+        rows = min(chunk_rows, N)
+        buf = torch.empty(rows, V, dtype=torch.float32, device=x.device)  # logits, reused per chunk
+        low = dtype != torch.float32  # autocast: matmuls in bf16/fp16, into buffers reused per chunk
+        low_buf = torch.empty(rows, V, dtype=dtype, device=x.device) if low else None
+        # (slice, C) products for grad_w, a vocabulary slice at a time: adding a whole (V, C) bf16 product
+        # to the fp32 grad_w would first copy it to fp32 (77 MB more at the seed shape, and slower)
+        grad_w_buf = torch.empty(min(4096, V), x.size(1), dtype=dtype, device=x.device) if low else None
         for s in range(0, N, chunk_rows):
             e = min(s + chunk_rows, N)
             xc, tc, vc = x[s:e].to(dtype), targets[s:e], valid[s:e]
             logits = buf[: e - s]  # (n, V) float32
-            if dtype == torch.float32:
-                torch.mm(xc, w.t(), out=logits)
+            if low:
+                logits.copy_(torch.mm(xc, w.t(), out=low_buf[: e - s]))
             else:
-                logits.copy_(xc @ w.t())
+                torch.mm(xc, w.t(), out=logits)
             torch.log_softmax(logits, dim=1, out=logits)  # in place: no (n, V) temporaries
             tgt = tc.clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows are masked below
             loss -= (logits.gather(1, tgt).squeeze(1) * vc).sum()
@@ -70,12 +77,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits.exp_()
             logits.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, device=x.device))
             keep = vc.unsqueeze(1).to(dtype)  # (n, 1): masking the (n, C) side is cheaper than (n, V)
-            g = logits if dtype == torch.float32 else logits.to(dtype)
+            g = low_buf[: e - s].copy_(logits) if low else logits
             grad_x[s:e] = (g @ w) * keep  # (n, C)
-            if dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), xc * keep)  # (V, C), accumulated in place
+            if low:
+                xk, step = xc * keep, grad_w_buf.size(0)
+                for v0 in range(0, V, step):
+                    v1 = min(v0 + step, V)
+                    grad_w[v0:v1].add_(torch.mm(g[:, v0:v1].t(), xk, out=grad_w_buf[: v1 - v0]))
             else:
-                grad_w.add_(g.t() @ (xc * keep))
+                grad_w.addmm_(g.t(), xc * keep)  # (V, C), accumulated in place
         if want_grad:  # gradients of the mean
             grad_x.div_(n_valid)
             grad_w.div_(n_valid)
@@ -147,7 +157,9 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         causal = past == 0 and T > 1
         dropout_p = self.dropout if self.training else 0.0
-        if self.use_sdpa:
+        if dropout_p > 0 and causal and x.device.type == "cpu" and torch.is_grad_enabled():
+            y = _CausalAttentionDropout.apply(q, k, v, dropout_p)  # SDPA's CPU fallback keeps 4x more
+        elif self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
@@ -159,6 +171,61 @@ class CausalSelfAttention(nn.Module):
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class _CausalAttentionDropout(torch.autograd.Function):
+    """softmax(q k^T / sqrt(hs), causal) with dropout, @ v, for training on CPU, where SDPA has no fused
+    kernel with dropout and falls back to its math path, which keeps the scores, the softmax, the dropout
+    mask and the dropped probabilities (B, nh, T, T) for backward. This keeps q, k, v (already alive in
+    the qkv projection), a 1-byte mask and the softmax's log-sum-exp, and recomputes the probabilities in
+    backward, like flash attention does: 40 MB less per layer at the seed shape, for one small matmul."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p: float):
+        keep = torch.empty(q.shape[:-1] + (k.size(-2),), dtype=torch.bool, device=q.device).bernoulli_(1 - p)
+        scale = 1.0 / math.sqrt(q.size(-1))
+        probs, lse = _causal_softmax(q, k, scale)  # (B, nh, T, T) float32, (B, nh, T, 1)
+        y = (probs.mul_(keep).div_(1 - p)).to(v.dtype) @ v  # (B, nh, T, hs)
+        ctx.save_for_backward(q, k, v, keep, lse)
+        ctx.p, ctx.scale = p, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        q, k, v, keep, lse = ctx.saved_tensors
+        p, scale = ctx.p, ctx.scale
+        s = _wide(q @ k.transpose(-2, -1)).mul_(scale)
+        probs = s.masked_fill_(_future(s), float("-inf")).sub_(lse).exp_()  # the forward's softmax
+        dropped = (probs * keep).div_(1 - p)
+        grad_v = dropped.to(grad_y.dtype).transpose(-2, -1) @ grad_y
+        del dropped
+        grad_probs = _wide(grad_y @ v.transpose(-2, -1).to(grad_y.dtype)).mul_(keep).div_(1 - p)
+        # softmax backward: probs * (grad_probs - sum_j probs_j grad_probs_j), then the 1/sqrt(hs) scale
+        row = (grad_probs * probs).sum(-1, keepdim=True)
+        grad_s = probs.mul_(grad_probs.sub_(row)).mul_(scale).to(q.dtype)
+        del probs, grad_probs
+        grad_q = grad_s @ k.to(grad_s.dtype)
+        grad_k = grad_s.transpose(-2, -1) @ q.to(grad_s.dtype)
+        return grad_q, grad_k, grad_v.to(v.dtype), None
+
+
+def _wide(t):
+    """t in float32 if it is in a 16-bit float type (autocast), else as is."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def _future(s):
+    """(T, T) mask of the positions a query may not see (keys after it), for scores s (..., T, T)."""
+    T = s.size(-1)
+    return torch.ones(T, T, dtype=torch.bool, device=s.device).triu(diagonal=1)
+
+
+def _causal_softmax(q, k, scale: float):
+    """Causal softmax of q k^T * scale in float32 (or wider), and its log-sum-exp per row."""
+    s = _wide(q @ k.transpose(-2, -1)).mul_(scale)
+    s.masked_fill_(_future(s), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    return s.sub_(lse).exp_(), lse
 
 
 class MLP(nn.Module):
