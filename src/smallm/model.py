@@ -51,10 +51,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # In bf16 the logits matmul is ~1.5x faster with V padded to a multiple of 64 (50257 -> 50304; no
         # gain in fp32): zero rows in the weight give zero logits there, which are never read.
         Vp = -(-V // 64) * 64 if low else V
-        w = torch.empty(Vp, weight.size(1), dtype=dtype, device=x.device) if Vp > V else weight.to(dtype)
         if Vp > V:
+            w = torch.empty(Vp, weight.size(1), dtype=dtype, device=x.device)
             w[:V].copy_(weight)
             w[V:].zero_()
+        else:
+            w = weight.to(dtype)
         valid = targets != -1  # (N,)
         n_valid = valid.sum()
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -63,9 +65,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = min(chunk_rows, N)
         buf = torch.empty(rows, V, dtype=torch.float32, device=x.device)  # logits, reused per chunk
         low_buf = torch.empty(rows, Vp, dtype=dtype, device=x.device) if low else None
-        # (slice, C) products for grad_w, a vocabulary slice at a time: adding a whole (V, C) bf16 product
-        # to the fp32 grad_w would first copy it to fp32 (77 MB more at the seed shape, and slower)
-        grad_w_buf = torch.empty(min(4096, V), x.size(1), dtype=dtype, device=x.device) if low else None
+        # On CPU, grad_w's (V, C) products a vocabulary slice at a time: adding a whole bf16 product to the
+        # fp32 grad_w first copies it to fp32 there (77 MB more at the seed shape, and slower); CUDA fuses it.
+        step = min(4096, V) if x.device.type == "cpu" else V
+        grad_w_buf = torch.empty(step, x.size(1), dtype=dtype, device=x.device) if low and want_grad else None
         for s in range(0, N, chunk_rows):
             e = min(s + chunk_rows, N)
             xc, tc, vc = x[s:e].to(dtype), targets[s:e], valid[s:e]
@@ -86,7 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = low_buf[: e - s, :V].copy_(logits) if low else logits
             grad_x[s:e] = (g @ w[:V]) * keep  # (n, C)
             if low:
-                xk, step = xc * keep, grad_w_buf.size(0)
+                xk = xc * keep
                 for v0 in range(0, V, step):
                     v1 = min(v0 + step, V)
                     grad_w[v0:v1].add_(torch.mm(g[:, v0:v1].t(), xk, out=grad_w_buf[: v1 - v0]))
