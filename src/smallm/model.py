@@ -187,14 +187,16 @@ class _CausalAttentionDropout(torch.autograd.Function):
     kernel with dropout and falls back to its math path, which keeps the scores, the softmax, the dropout
     mask and the dropped probabilities (B, nh, T, T) for backward. This keeps q, k, v (already alive in
     the qkv projection), a 1-byte mask and the softmax's log-sum-exp, and recomputes the probabilities in
-    backward, like flash attention does: 40 MB less per layer at the seed shape, for one small matmul."""
+    backward, like flash attention does: ~40 MB less kept per layer at the seed shape, for a small matmul."""
 
     @staticmethod
     def forward(ctx, q, k, v, p: float):
         keep = torch.empty(q.shape[:-1] + (k.size(-2),), dtype=torch.bool, device=q.device).bernoulli_(1 - p)
         scale = 1.0 / math.sqrt(q.size(-1))
-        probs, lse = _causal_softmax(q, k, scale)  # (B, nh, T, T) float32, (B, nh, T, 1)
-        y = (probs.mul_(keep).div_(1 - p)).to(v.dtype) @ v  # (B, nh, T, hs)
+        s = _causal_scores(q, k, scale)  # (B, nh, T, T)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, nh, T, 1)
+        probs = s.sub_(lse).exp_()  # softmax, in place
+        y = probs.mul_(keep).div_(1 - p).to(v.dtype) @ v  # (B, nh, T, hs)
         ctx.save_for_backward(q, k, v, keep, lse)
         ctx.p, ctx.scale = p, scale
         return y
@@ -203,8 +205,7 @@ class _CausalAttentionDropout(torch.autograd.Function):
     def backward(ctx, grad_y):
         q, k, v, keep, lse = ctx.saved_tensors
         p, scale = ctx.p, ctx.scale
-        s = _wide(q @ k.transpose(-2, -1)).mul_(scale)
-        probs = s.masked_fill_(_future(s), float("-inf")).sub_(lse).exp_()  # the forward's softmax
+        probs = _causal_scores(q, k, scale).sub_(lse).exp_()  # the forward's softmax, again
         dropped = (probs * keep).div_(1 - p)
         grad_v = dropped.to(grad_y.dtype).transpose(-2, -1) @ grad_y
         del dropped
@@ -223,18 +224,11 @@ def _wide(t):
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
-def _future(s):
-    """(T, T) mask of the positions a query may not see (keys after it), for scores s (..., T, T)."""
-    T = s.size(-1)
-    return torch.ones(T, T, dtype=torch.bool, device=s.device).triu(diagonal=1)
-
-
-def _causal_softmax(q, k, scale: float):
-    """Causal softmax of q k^T * scale in float32 (or wider), and its log-sum-exp per row."""
+def _causal_scores(q, k, scale: float):
+    """q k^T * scale in float32 (or wider), -inf where a query would see a later key: (B, nh, T, T)."""
     s = _wide(q @ k.transpose(-2, -1)).mul_(scale)
-    s.masked_fill_(_future(s), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    return s.sub_(lse).exp_(), lse
+    T = s.size(-1)
+    return s.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(diagonal=1), float("-inf"))
 
 
 class MLP(nn.Module):
