@@ -179,6 +179,13 @@ def run_train(args):
 # keep this list last, in the order: prepare, train, generate, eval, export, serve
 
 
+def _add_run_dir(p):
+    """The RUN positional of generate, eval, export and serve: what resolve_checkpoint accepts."""
+    p.add_argument(
+        "run_dir", metavar="RUN", help="run directory (its best/; runs/latest works) or a checkpoint"
+    )
+
+
 def add_generate(sub):
     p = sub.add_parser(
         "generate",
@@ -188,9 +195,7 @@ def add_generate(sub):
         "starts from <|endoftext|>.",
         formatter_class=_Formatter,
     )
-    p.add_argument(
-        "run_dir", metavar="RUN", help="run directory (its best/; runs/latest works) or a checkpoint"
-    )
+    _add_run_dir(p)
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to add to each sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random")
@@ -246,9 +251,7 @@ def add_eval(sub):
         "tokens} on stdout and a summary on stderr.",
         formatter_class=_Formatter,
     )
-    p.add_argument(
-        "run_dir", metavar="RUN", help="run directory (its best/; runs/latest works) or a checkpoint"
-    )
+    _add_run_dir(p)
     p.add_argument("--data", default="data/tinystories", help="directory written by `smallm prepare`")
     p.add_argument("--split", default="validation", help="which split to evaluate")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -281,7 +284,7 @@ def add_export(sub):
         "transformers' AutoModelForCausalLM / AutoTokenizer load offline.",
         formatter_class=_Formatter,
     )
-    p.add_argument("run_dir", metavar="RUN", help="run directory (its best/) or checkpoint directory")
+    _add_run_dir(p)
     p.add_argument("--format", choices=["hf"], default="hf", help="output format: Hugging Face transformers")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
@@ -303,7 +306,7 @@ def add_serve(sub):
         "POST /v1/completions is OpenAI-compatible (the `openai` client works), GET /health.",
         formatter_class=_Formatter,
     )
-    p.add_argument("run_dir", metavar="RUN", help="run directory (its best/) or checkpoint directory")
+    _add_run_dir(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
