@@ -18,7 +18,7 @@ from smallm.train import (
     PRESETS,
     TrainConfig,
     build_config,
-    configure_optimizer,
+    configure_optimizers,
     cpu_has_amx_bf16,
     get_lr,
     pick_dtype,
@@ -134,7 +134,7 @@ def test_schedule_warms_up_linearly_peaks_then_cosines_to_min_lr():
 
 def test_weight_decay_applies_to_matrices_only(small_config):
     model = GPT(small_config)
-    optimizer = configure_optimizer(model, TrainConfig(weight_decay=0.1), "cpu")
+    (optimizer,) = configure_optimizers(model, TrainConfig(weight_decay=0.1), "cpu")
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])

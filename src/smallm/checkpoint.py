@@ -124,39 +124,44 @@ def load_model(directory, device="cpu"):
 
 # ---- training state: what `smallm train --resume` needs, beside the model --------------------------------
 
-OPTIMIZER = "optimizer.safetensors"  # per-parameter optimizer tensors, keyed "<param index>.<name>"
+OPTIMIZER = "optimizer.safetensors"  # per-parameter optimizer tensors, "<param index>.<name>" (the first
+# optimizer, AdamW) and "<k>:<param index>.<name>" (optimizer k > 0, e.g. Muon)
 RNG = "rng.safetensors"  # torch generator states as uint8 tensors
 TRAINING_STATE = "state.json"  # step, tokens, best val loss, grad scaler, optimizer hyperparameters, ...
 DEVICE_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how the optimizer runs, not state
 
 
-def save_training_state(directory, model, optimizer, state: dict, extra_config: dict | None = None) -> None:
-    """Write the model (as save_model does), the optimizer, torch's RNG states and `state` (JSON-able
+def save_training_state(directory, model, optimizers, state: dict, extra_config: dict | None = None) -> None:
+    """Write the model (as save_model does), the optimizers, torch's RNG states and `state` (JSON-able
     scalars) into `directory`, atomically: a reader sees the old checkpoint or the new one, never a mix."""
     import torch
     from safetensors.torch import save_file
 
-    optimizer_state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, param_state in optimizer_state["state"].items():
-        for name, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{index}.{name}"] = value
+    tensors, saved = {}, []
+    for number, optimizer in enumerate(_as_list(optimizers)):
+        optimizer_state, prefix, scalars = optimizer.state_dict(), f"{number}:" if number else "", {}
+        for index, param_state in optimizer_state["state"].items():
+            for name, value in param_state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{prefix}{index}.{name}"] = value.detach().contiguous().cpu()
+                else:
+                    scalars[f"{index}.{name}"] = value
+        groups = [
+            {k: v for k, v in g.items() if k not in DEVICE_KEYS} for g in optimizer_state["param_groups"]
+        ]
+        saved.append({"param_groups": groups, "scalars": scalars})
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, state bytes)
-    groups = [{k: v for k, v in g.items() if k not in DEVICE_KEYS} for g in optimizer_state["param_groups"]]
     with atomic_directory(directory) as tmp:
         _write_model(tmp, model, extra_config)
         save_file(tensors, str(tmp / OPTIMIZER))
         save_file(rng, str(tmp / RNG))
-        write_json(tmp / TRAINING_STATE, {**state, "optimizer": {"param_groups": groups, "scalars": scalars}})
+        write_json(tmp / TRAINING_STATE, {**state, "optimizers": saved})
 
 
-def load_training_state(directory, model, optimizer, device="cpu") -> dict:
-    """Load what save_training_state wrote into `model` and `optimizer`, restore torch's RNG states, and
+def load_training_state(directory, model, optimizers, device="cpu") -> dict:
+    """Load what save_training_state wrote into `model` and `optimizers`, restore torch's RNG states, and
     return the `state` dict. Raises SmallmError if a file is missing or does not fit."""
     import torch
     from safetensors.torch import load_file
@@ -174,23 +179,40 @@ def load_training_state(directory, model, optimizer, device="cpu") -> dict:
         raise SmallmError(f"{directory} cannot be read ({e}); the checkpoint is corrupt") from e
     model.load_state_dict(weights)  # raises SmallmError when the shapes differ
 
-    saved = state.pop("optimizer")
-    per_param = {}
-    for key, value in [*tensors.items(), *saved["scalars"].items()]:
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
-    current = optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in current] != [len(g["params"]) for g in saved["param_groups"]]:
-        raise SmallmError(f"{directory / OPTIMIZER} does not fit this model's parameters")
-    groups = []
-    for now, then in zip(current, saved["param_groups"], strict=True):
-        group = {**then, **{k: now[k] for k in DEVICE_KEYS if k in now}, "params": now["params"]}
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])  # JSON made the tuple a list
-        groups.append(group)
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    optimizers = _as_list(optimizers)
+    saved_all = state.pop("optimizers", None) or [state.pop("optimizer")]  # "optimizer": before Muon
+    if len(saved_all) != len(optimizers):
+        raise SmallmError(
+            f"{directory} holds {len(saved_all)} optimizer state(s) but this config uses {len(optimizers)}; "
+            "resume with the run's own --optimizer"
+        )
+    for number, (optimizer, saved) in enumerate(zip(optimizers, saved_all, strict=True)):
+        prefix = f"{number}:" if number else ""
+        if prefix:
+            mine = [(key[len(prefix) :], v) for key, v in tensors.items() if key.startswith(prefix)]
+        else:
+            mine = [(key, v) for key, v in tensors.items() if ":" not in key]
+        per_param = {}
+        for key, value in [*mine, *saved["scalars"].items()]:
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        current = optimizer.state_dict()["param_groups"]
+        if [len(g["params"]) for g in current] != [len(g["params"]) for g in saved["param_groups"]]:
+            raise SmallmError(f"{directory / OPTIMIZER} does not fit this model's parameters")
+        groups = []
+        for now, then in zip(current, saved["param_groups"], strict=True):
+            group = {**then, **{k: now[k] for k in DEVICE_KEYS if k in now}, "params": now["params"]}
+            for key in ("betas", "ns_coefficients"):  # JSON made the tuple a list
+                if key in group:
+                    group[key] = tuple(group[key])
+            groups.append(group)
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(list(rng["cuda"]))
     return state
+
+
+def _as_list(optimizers) -> list:
+    return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]

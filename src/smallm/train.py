@@ -12,6 +12,7 @@ accumulation is divided across ranks so the global batch is unchanged, and only 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -36,28 +37,58 @@ from smallm.train_config import (  # noqa: F401  (re-exported: smallm.train.Trai
     TrainConfig,
     build_config,
     config_to_yaml,
+    plan_steps,
     read_config_file,
     resume_config,
 )
+
+clock = time.time  # the wall clock that time budgets and tokens/s read (tests replace it)
 
 # ---- schedule and optimizer ----------------------------------------------------------------------------
 
 
 def get_lr(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then flat."""
+    """AdamW's learning rate for optimizer step `step` (0-based): linear warmup, then a cosine down to
+    min_lr at lr_decay_iters (schedule "cosine") or the peak held until the last decay_frac of the run and
+    a straight line down to min_lr (schedule "wsd", warmup-stable-decay); flat at min_lr after that.
+    Muon's rate follows the same curve, scaled by muon_lr / learning_rate."""
     if step < config.warmup_iters:
         return config.learning_rate * (step + 1) / config.warmup_iters
     if step >= config.lr_decay_iters:
         return config.min_lr
-    progress = (step - config.warmup_iters) / (config.lr_decay_iters - config.warmup_iters)  # 0 -> 1
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    if config.schedule == "wsd":
+        decay_start = max(config.warmup_iters, (1 - config.decay_frac) * config.lr_decay_iters)
+        if step < decay_start:
+            return config.learning_rate
+        coeff = (config.lr_decay_iters - step) / (config.lr_decay_iters - decay_start)  # 1 -> 0
+    else:
+        progress = (step - config.warmup_iters) / (config.lr_decay_iters - config.warmup_iters)  # 0 -> 1
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return config.min_lr + coeff * (config.learning_rate - config.min_lr)
 
 
-def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str):
-    """AdamW with weight decay on matrices (>= 2-D: Linear weights, embeddings) and none on biases and
-    LayerNorm gains; PyTorch's fused kernel on CUDA and CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied head/embedding counted once
+def configure_optimizers(model: torch.nn.Module, config: TrainConfig, device_type: str) -> list:
+    """The optimizers, AdamW first (set_lr gives each its rate for a step).
+
+    adamw: AdamW for everything, weight decay on matrices (>= 2-D: Linear weights, embeddings) and none on
+    biases and LayerNorm gains; PyTorch's fused kernel on CUDA and CPU.
+    muon: torch.optim.Muon for the blocks' 2-D matrices (attention and MLP weights), which it updates with
+    orthogonalized momentum; AdamW, as above, for the embeddings (and so the tied head), gains and biases.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the tied head counted once
+    optimizers = []
+    if config.optimizer == "muon":
+        hidden = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
+        muon = torch.optim.Muon(
+            hidden,
+            lr=config.muon_lr,
+            weight_decay=config.weight_decay,
+            momentum=config.muon_momentum,
+            adjust_lr_fn="match_rms_adamw",  # rates on AdamW's scale: 0.2 * sqrt(max(A, B)) per matrix
+        )
+        optimizers.append(muon)
+        named = [(n, p) for n, p in named if not any(p is q for q in hidden)]
+    params = [p for _, p in named]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -65,7 +96,39 @@ def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device_type
     betas = (config.beta1, config.beta2)
     # One fused kernel instead of a loop over tensors: on CUDA, and on CPU, where it is ~5x faster here.
     fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused)
+    optimizers.insert(0, torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused))
+    return optimizers
+
+
+def set_lr(optimizers: list, step: int, config: TrainConfig) -> float:
+    """Set every group's rate for `step` (its optimizer's peak times the schedule); returns AdamW's."""
+    lr = get_lr(step, config)
+    for optimizer in optimizers:
+        peak = config.muon_lr if isinstance(optimizer, torch.optim.Muon) else config.learning_rate
+        for group in optimizer.param_groups:
+            group["lr"] = peak * lr / config.learning_rate
+    return lr
+
+
+def plan_time(
+    config: TrainConfig, seconds_left: float, timed: dict, eval_seconds: float, step: int, world_size: int = 1
+) -> dict:
+    """A time budget's plan, fixed once after the first steps: as many steps as fit in `seconds_left`.
+
+    timed: the steps timed so far, with their seconds in micro-batches ("micro") and in the optimizer
+    ("optimizer"); eval_seconds: one evaluation with its checkpoint, counted every eval_interval steps
+    and once at the end. Gradient accumulation grows as plan_steps says for the tokens that fit.
+    """
+    micro_per_step = config.gradient_accumulation_steps // world_size  # per rank
+    micro_seconds = timed["micro"] / (timed["steps"] * micro_per_step)
+    optimizer_seconds = timed["optimizer"] / timed["steps"]
+    micro_tokens = config.batch_size * config.block_size * world_size  # all ranks at once
+    plan = plan_steps(config, seconds_left / micro_seconds * micro_tokens, world_size)
+    step_seconds = plan["gradient_accumulation_steps"] // world_size * micro_seconds + optimizer_seconds
+    steps = int((seconds_left - eval_seconds) / (step_seconds + eval_seconds / config.eval_interval))
+    max_iters = step + max(1, steps)
+    return dict(plan, max_iters=max_iters, warmup_iters=min(config.warmup_iters, max_iters // 10),
+                lr_decay_iters=max_iters)  # fmt: skip
 
 
 def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
@@ -197,6 +260,7 @@ def train(
     out_dir None: runs/<timestamp>, with runs/latest pointing at it. resume: continue from out_dir/last/.
     Returns the final metrics (step, tokens, val_loss, train_loss, best_val_loss, elapsed, interrupted).
     """
+    t_begin = clock()  # a --time budget counts from here
     # ---- processes: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE -----------------------------------
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -230,7 +294,7 @@ def train(
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         return _train_loop(
-            config, data_dir, out_dir, resume, progress, new_run, meta, device, dtype, dtype_reason
+            config, data_dir, out_dir, resume, progress, new_run, meta, device, dtype, dtype_reason, t_begin
         )
     finally:
         if ddp:
@@ -238,14 +302,13 @@ def train(
 
 
 def _train_loop(
-    config, data_dir, out_dir: Path, resume, progress, new_run, meta, device, dtype, dtype_reason
+    config, data_dir, out_dir: Path, resume, progress, new_run, meta, device, dtype, dtype_reason, t_begin
 ) -> dict:
     """The body of `train`, once the checks have passed and the processes have met."""
     ddp = torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if ddp else 0
     world_size = torch.distributed.get_world_size() if ddp else 1
     master = rank == 0  # only rank 0 logs and writes
-    accum = config.gradient_accumulation_steps // world_size  # micro-steps per rank
     last_dir, best_dir = out_dir / "last", out_dir / "best"
     metrics_path = out_dir / "metrics.jsonl"
     device_type = device.type
@@ -260,11 +323,15 @@ def _train_loop(
     # ---- model and optimizer (same init on every rank; DDP also broadcasts it) ----------------------
     torch.manual_seed(config.seed)
     raw_model = GPT(config.model_config(meta.get("vocab_size", 50257))).to(device)
-    optimizer = configure_optimizer(raw_model, config, device_type)
+    optimizers = configure_optimizers(raw_model, config, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     step, tokens, elapsed_before, best_val_loss = 0, 0, 0.0, float("inf")
+    # A budget's plan (steps, accumulation, warmup, decay) is fixed once and kept in last/ for resuming:
+    # a token budget's right away, a time budget's once the first steps have measured the speed.
+    plan = plan_steps(config, config.tokens, world_size) if config.tokens else None
     if resume:
-        state = load_training_state(last_dir, raw_model, optimizer, device)
+        state = load_training_state(last_dir, raw_model, optimizers, device)
+        plan = state.get("plan") or plan
         if state.get("data_tokens") not in (None, meta["splits"]["train"]["tokens"]):
             raise SmallmError(
                 f"{data_dir} has {meta['splits']['train']['tokens']:,} training tokens but the run in "
@@ -274,6 +341,9 @@ def _train_loop(
         best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+    if plan:
+        config = dataclasses.replace(config, **plan)
+    accum = config.gradient_accumulation_steps // world_size  # micro-steps per rank
     model = torch.compile(raw_model) if config.compile else raw_model
     train_model = model
     if ddp:
@@ -281,8 +351,11 @@ def _train_loop(
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     # ---- data: batches are a function of (seed, step), so the data position is just `step` ------------
-    batches = Batches(data_dir, "train", config.batch_size, config.block_size, seed=config.seed,
-                      rank=rank, world_size=world_size, accum_steps=accum, device=device)  # fmt: skip
+    def train_batches(accum: int) -> Batches:
+        return Batches(data_dir, "train", config.batch_size, config.block_size, seed=config.seed,
+                       rank=rank, world_size=world_size, accum_steps=accum, device=device)  # fmt: skip
+
+    batches = train_batches(accum)
     eval_readers = {  # fixed batches (another seed than training's), comparable across evaluations
         split: Batches(
             data_dir, split, config.batch_size, config.block_size, seed=config.seed + 1, device=device
@@ -298,8 +371,7 @@ def _train_loop(
         out_dir.mkdir(parents=True, exist_ok=True)
         if new_run:
             point_latest(out_dir)
-        preset_note = {"data_dir": str(data_dir)}
-        write_text(out_dir / "config.yaml", config_to_yaml(config, **preset_note))  # resume reads it
+        write_text(out_dir / "config.yaml", config_to_yaml(config, data_dir=str(data_dir)))  # resume reads it
         if resume:
             rewrite_metrics(metrics_path, step)
     log = (lambda msg: tqdm.write(msg)) if master else (lambda msg: None)
@@ -314,19 +386,21 @@ def _train_loop(
             state = dict(
                 step=step,
                 tokens=tokens,
-                elapsed=elapsed_before + time.time() - t_start,
+                elapsed=elapsed_before + clock() - t_start,
                 best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
                 scaler=scaler.state_dict(),
                 data_tokens=meta["splits"]["train"]["tokens"],
                 world_size=world_size,
+                plan=plan,
             )
-            save_training_state(last_dir, raw_model, optimizer, state, extra_config={"step": step})
+            save_training_state(last_dir, raw_model, optimizers, state, extra_config={"step": step})
 
     def evaluate_and_checkpoint(step: int) -> dict:
-        nonlocal best_val_loss, t_last
+        nonlocal best_val_loss, t_last, eval_seconds
+        t_eval = clock()
         losses = estimate_loss(model, eval_readers, config.eval_iters, autocast, rank, world_size)
         val_loss, train_loss = losses["validation"], losses["train"]
-        elapsed = elapsed_before + time.time() - t_start
+        elapsed = elapsed_before + clock() - t_start
         log(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         if not math.isfinite(val_loss):
             raise SmallmError(_not_finite(f"validation loss is {val_loss}", step, last_dir))
@@ -344,7 +418,8 @@ def _train_loop(
             from smallm.plot import plot_losses
 
             plot_losses(metrics_path, out_dir / "loss.png")
-        t_last = time.time()  # tokens/s leaves evaluation time out
+        t_last = clock()  # tokens/s leaves evaluation time out
+        eval_seconds = t_last - t_eval
         return losses
 
     # ---- Ctrl-C / SIGTERM: finish the step, save last/, return -------------------------------------------
@@ -365,11 +440,18 @@ def _train_loop(
         log(f"{'resuming' if resume else 'training'} {n / 1e6:.1f}M parameters in {out_dir} on {device}, "
             f"dtype {dtype} ({dtype_reason}), {world_size} process{'es' if world_size > 1 else ''}, "
             f"{tokens_per_step:,} tokens/step, steps {step}..{config.max_iters}")  # fmt: skip
+        if config.tokens and not resume:
+            log(f"plan: {config.tokens:,} tokens = {config.max_iters:,} steps of {tokens_per_step:,} tokens, "
+                f"{config.schedule} schedule, warmup {config.warmup_iters} steps")  # fmt: skip
+        elif config.time and not plan:
+            log(f"plan: {config.time:,.0f} s; the number of steps is fixed once the first steps are timed")
     bar = tqdm(total=config.max_iters, initial=step, disable=not (master and progress), unit="step",
                dynamic_ncols=True, mininterval=1.0)  # fmt: skip
-    t_start = t_last = time.time()
+    t_start = t_last = clock()
     tokens_at_last_log = tokens
     losses = {}
+    eval_seconds = 0.0  # the last evaluation + checkpoint, for a time budget's plan
+    timed = dict(steps=0, micro=0.0, optimizer=0.0)  # after the first step: its warm-up is not typical
     try:
         if step == 0:
             losses = evaluate_and_checkpoint(0)
@@ -377,9 +459,8 @@ def _train_loop(
             log(f"{out_dir} already has {step} steps; pass --max-iters with more to train longer")
         while step < config.max_iters:
             # ---- one optimizer step: accumulate gradients over `accum` micro-batches -------------------
-            lr = get_lr(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(optimizers, step, config)
+            t_step = clock()
             step_loss = torch.zeros((), device=device)
             x, y = batches.get(step, 0)
             for micro_step in range(accum):
@@ -405,19 +486,47 @@ def _train_loop(
             loss_value, stop = status[0].item() / world_size, status[1].item() > 0
             if not math.isfinite(loss_value):
                 raise SmallmError(_not_finite(f"training loss is {loss_value}", step, last_dir))
+            t_optimizer = clock()
             if config.grad_clip > 0:
-                scaler.unscale_(optimizer)
+                for optimizer in optimizers:
+                    scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if step > 0 or resume:  # the next steps are timed for a time budget's plan
+                timed["steps"] += 1
+                timed["micro"] += t_optimizer - t_step
+                timed["optimizer"] += clock() - t_optimizer
             step += 1
             tokens += tokens_per_step
             bar.update(1)
 
+            # ---- a time budget: once a few steps are timed, fix the plan for the rest of the run ----------
+            if config.time and not plan and timed["steps"] >= 3:
+                spent = elapsed_before + clock() - t_begin
+                plan = plan_time(config, config.time - spent, timed, eval_seconds, step, world_size)
+                if ddp:  # every rank follows rank 0's plan
+                    shared = [plan]
+                    torch.distributed.broadcast_object_list(shared, src=0)
+                    plan = shared[0]
+                config = dataclasses.replace(config, **plan)
+                accum = config.gradient_accumulation_steps // world_size  # the plan may have raised it
+                tokens_per_step = config.batch_size * config.block_size * accum * world_size
+                batches = train_batches(accum)
+                bar.total = config.max_iters
+                end = datetime.fromtimestamp(t_begin + config.time - elapsed_before).strftime("%H:%M:%S")
+                log(
+                    f"plan: {config.max_iters:,} steps of {tokens_per_step:,} tokens "
+                    f"({tokens + (config.max_iters - step) * tokens_per_step:,} in all) to end near {end}"
+                )
+                if master:
+                    write_text(out_dir / "config.yaml", config_to_yaml(config, data_dir=str(data_dir)))
+
             # ---- log, evaluate, checkpoint ----------------------------------------------------------
             if step % config.log_interval == 0 or step == config.max_iters:
-                now = time.time()
+                now = clock()
                 tokens_per_sec = (tokens - tokens_at_last_log) / max(now - t_last, 1e-9)
                 row = dict(step=step, tokens=tokens, elapsed=round(elapsed_before + now - t_start, 3),
                            loss=loss_value, lr=lr, tokens_per_sec=round(tokens_per_sec, 1))  # fmt: skip
@@ -445,7 +554,7 @@ def _train_loop(
         val_loss=losses.get("validation"),
         train_loss=losses.get("train"),
         best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
-        elapsed=elapsed_before + time.time() - t_start,
+        elapsed=elapsed_before + clock() - t_start,
         interrupted=step < config.max_iters,
         out_dir=str(out_dir),
     )

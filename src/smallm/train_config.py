@@ -39,15 +39,26 @@ class TrainConfig:
     batch_size: int = _field(32, "sequences per micro-batch")
     gradient_accumulation_steps: int = _field(32, "micro-batches per optimizer step (all ranks together)")
     max_iters: int = _field(20_000, "optimizer steps to train for")
-    # AdamW
-    learning_rate: float = _field(1e-4, "peak learning rate")
+    # budgets: either sets max_iters (and the schedule with it); the plan is fixed once and kept on resume
+    tokens: int | None = _field(None, "token budget, e.g. 380k, 82M, 1.5B: the run's length in tokens")
+    time: float | None = _field(None, "time budget, e.g. 90s, 20m, 2h: steps fitted to the measured speed")
+    min_steps: int = _field(
+        0, "with a budget, double gradient accumulation while the run keeps at least this many steps"
+    )
+    # optimizer: AdamW for everything, or Muon for the blocks' matrices and AdamW for the rest
+    optimizer: str = _field("adamw", "adamw, or muon (torch.optim.Muon on the blocks' 2-D matrices)")
+    muon_lr: float = _field(2e-3, "peak Muon learning rate (RMS-matched to AdamW's scale)")
+    muon_momentum: float = _field(0.95, "Muon momentum (Nesterov)")
+    learning_rate: float = _field(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)")
     beta1: float = _field(0.9, "AdamW beta1")
     beta2: float = _field(0.95, "AdamW beta2")
     grad_clip: float = _field(0.5, "clip the gradient norm to this (0 turns clipping off)")
-    # schedule: linear warmup, then cosine down to min_lr at lr_decay_iters, then flat
-    warmup_iters: int = _field(1_000, "linear warmup steps")
-    lr_decay_iters: int | None = _field(None, "step where the cosine reaches min_lr (default: max_iters)")
+    # schedule: linear warmup, then cosine (or stable, then linear: wsd) down to min_lr at lr_decay_iters
+    schedule: str = _field("cosine", "cosine, or wsd (warmup, stable at the peak, linear decay at the end)")
+    decay_frac: float = _field(0.2, "wsd: the share of the run spent decaying to min_lr")
+    warmup_iters: int = _field(1_000, "linear warmup steps (with a budget: at most a tenth of the run)")
+    lr_decay_iters: int | None = _field(None, "step where the decay reaches min_lr (default: max_iters)")
     min_lr: float = _field(1e-5, "learning-rate floor, below learning_rate")
     # evaluation and logging
     eval_interval: int = _field(500, "evaluate and checkpoint every this many steps")
@@ -63,6 +74,10 @@ class TrainConfig:
     seed: int = _field(1337, "seed for initialization, data order and dropout")
 
     def __post_init__(self):
+        if isinstance(self.tokens, str):
+            self.tokens = parse_tokens(self.tokens)
+        if isinstance(self.time, str):
+            self.time = parse_duration(self.time)
         for f in fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
         if self.lr_decay_iters is None:
@@ -72,7 +87,22 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SmallmError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr"):
+        if self.tokens is not None and self.time is not None:
+            raise SmallmError("give one budget, --tokens or --time, not both")
+        for name in ("tokens", "time"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise SmallmError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise SmallmError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise SmallmError(f"schedule must be cosine or wsd, got {self.schedule!r}")
+        if not 0 < self.decay_frac <= 1:
+            raise SmallmError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
+        if not 0 < self.muon_lr:
+            raise SmallmError(f"muon_lr must be positive, got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            raise SmallmError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "min_steps"):
             if getattr(self, name) < 0:
                 raise SmallmError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.learning_rate:
@@ -107,6 +137,25 @@ PRESETS = {
     # The seed document: 32 x 32 x 128 = 131,072 tokens per step, 20,000 steps (2.6B tokens), AdamW 1e-4,
     # 1,000 warmup steps, cosine down to 1e-5.
     "seed": {},
+    # The seed model with the recipe that learned most per token on stories it never saw (bench/recipe.py,
+    # bench/RESULTS.md): Muon for the blocks' matrices, small steps, no dropout, warmup-stable-decay.
+    "fast": dict(
+        dropout=0.0,
+        batch_size=8,
+        gradient_accumulation_steps=1,
+        max_iters=372,  # one epoch of the shared ~382K tokens; --tokens or --time sets it
+        optimizer="muon",
+        muon_lr=2e-3,
+        learning_rate=2e-3,
+        min_lr=2e-4,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        schedule="cosine",
+        warmup_iters=37,
+        min_steps=0,
+        eval_interval=100,
+        eval_iters=20,
+    ),
     # A smoke run for a laptop CPU: 0.8M parameters besides the 6.4M embedding; learns in 60 steps.
     "tiny": dict(
         n_layer=4,
@@ -145,7 +194,7 @@ def _coerce(name: str, value):
                 value = float(value) if any(c in value for c in ".eE") else int(value)
             if not isinstance(value, bool) and float(value).is_integer():
                 return int(value)
-        elif kind == "float":
+        elif kind.startswith("float"):
             if not isinstance(value, bool):
                 return float(value)
         elif kind == "str" and isinstance(value, str):
@@ -154,6 +203,65 @@ def _coerce(name: str, value):
         pass
     what = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
     raise SmallmError(f"config field {name} must be {what[kind.split()[0]]}, got {value!r}")
+
+
+# ---- budgets -----------------------------------------------------------------------------------------------
+
+_TOKEN_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_tokens(text) -> int:
+    """'380k' -> 380_000, '82M' -> 82_000_000, '1.5B' -> 1_500_000_000, '5000' -> 5000."""
+    s = str(text).strip().lower().replace("_", "").replace(",", "")
+    unit = s[-1] if s and s[-1] in "kmb" else ""
+    try:
+        tokens = float(s[: len(s) - len(unit)]) * _TOKEN_UNITS[unit]
+    except ValueError:
+        tokens = -1
+    if not tokens >= 1:
+        raise SmallmError(f"--tokens takes a count like 380k, 82M or 1.5B, not {text!r}")
+    return round(tokens)
+
+
+def parse_duration(text) -> float:
+    """Seconds from '90s', '20m', '2h', '1h30m' or a plain number of seconds."""
+    s = str(text).strip().lower().replace(" ", "")
+    seconds, number = 0.0, ""
+    try:
+        for c in s:
+            if c in _TIME_UNITS:
+                seconds, number = seconds + float(number) * _TIME_UNITS[c], ""
+            else:
+                number += c
+        seconds += float(number) if number else 0.0
+    except ValueError:
+        seconds = -1
+    if not (s and seconds > 0):
+        raise SmallmError(f"--time takes a duration like 90s, 20m, 2h or 1h30m, not {text!r}")
+    return seconds
+
+
+def plan_steps(config: TrainConfig, tokens: float, world_size: int = 1) -> dict:
+    """The run's length for a budget of `tokens`: max_iters, gradient accumulation, warmup and decay.
+
+    Tokens per step start at the config's; with min_steps, gradient accumulation doubles while the run
+    keeps at least min_steps steps (a small budget cannot afford big steps, a large one wants them).
+    The warmup keeps its length in steps but is at most a tenth of the run; the decay ends with the run.
+    """
+    micro_tokens = config.batch_size * config.block_size
+    accum = config.gradient_accumulation_steps
+    if config.min_steps:
+        while tokens / (micro_tokens * accum * 2) >= config.min_steps:
+            accum *= 2
+    accum = -(-accum // world_size) * world_size  # divisible by the number of processes
+    steps = max(1, round(tokens / (micro_tokens * accum)))
+    return dict(
+        max_iters=steps,
+        gradient_accumulation_steps=accum,
+        warmup_iters=min(config.warmup_iters, steps // 10),
+        lr_decay_iters=steps,
+    )
 
 
 def build_config(preset: str = "seed", config_file=None, overrides: dict | None = None) -> TrainConfig:

@@ -1,0 +1,244 @@
+"""The training recipe: budgets (--tokens, --time) and their plan, Muon + AdamW groups, the schedules, the
+`fast` preset, and resuming exactly with both optimizers."""
+
+import json
+import signal
+
+import pytest
+import test_train
+import torch
+import yaml
+
+import smallm.train
+from smallm.cli import main
+from smallm.errors import SmallmError
+from smallm.model import GPT
+from smallm.train import (
+    TrainConfig,
+    build_config,
+    configure_optimizers,
+    get_lr,
+    plan_steps,
+    plan_time,
+    train,
+)
+from smallm.train_config import parse_duration, parse_tokens
+
+data_dir = test_train.data_dir  # the session's small prepared stories
+read_rows = test_train.read_rows
+
+# A small model on the `fast` recipe: Muon + AdamW, warmup-stable-decay, no dropout.
+FAST_SMALL = dict(
+    n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
+    device="cpu", dtype="float32",
+)  # fmt: skip
+
+
+# ---- budgets ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, tokens",
+    [("380k", 380_000), ("82M", 82_000_000), ("1.5B", 1_500_000_000), ("500K", 500_000), ("4096", 4096),
+     ("1_000", 1000)],
+)  # fmt: skip
+def test_token_budgets_parse(text, tokens):
+    assert parse_tokens(text) == tokens
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("90s", 90), ("20m", 1200), ("2h", 7200), ("1h30m", 5400), ("45", 45), ("0.5h", 1800)]
+)
+def test_time_budgets_parse(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--tokens", "lots", "--tokens takes a count like 380k, 82M or 1.5B, not 'lots'"),
+        ("--tokens", "-5k", "--tokens takes a count"),
+        ("--tokens", "12x", "--tokens takes a count"),
+        ("--time", "soon", "--time takes a duration like 90s, 20m, 2h or 1h30m, not 'soon'"),
+        ("--time", "0s", "--time takes a duration"),
+        ("--time", "5d", "--time takes a duration"),
+    ],
+)
+def test_bad_budgets_are_one_line(flag, value, message, capsys):
+    assert main(["train", "--preset", "fast", f"{flag}={value}", "--print-config"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_both_budgets_at_once_are_refused():
+    with pytest.raises(SmallmError, match="one budget"):
+        build_config("fast", overrides={"tokens": "1M", "time": "5m"})
+
+
+def test_a_token_budget_sets_the_steps_and_fits_warmup_and_decay_to_them():
+    config = build_config("seed", overrides={"tokens": "82M"})  # 131,072 tokens per step
+    assert plan_steps(config, config.tokens) == dict(
+        max_iters=626, gradient_accumulation_steps=32, warmup_iters=62, lr_decay_iters=626
+    )  # 1,000 warmup steps would be longer than the run: at most a tenth of it
+
+
+def test_min_steps_grows_the_batch_with_the_budget_but_never_below_min_steps():
+    config = build_config("fast")  # 8 x 128 tokens per micro-batch
+    small, large = plan_steps(config, 380_000), plan_steps(config, 82_000_000)
+    if config.min_steps:
+        assert small["gradient_accumulation_steps"] * 1024 * config.min_steps <= max(380_000, 2048 * 1024)
+        assert 82_000_000 / (large["gradient_accumulation_steps"] * 1024) >= config.min_steps
+        assert large["gradient_accumulation_steps"] > small["gradient_accumulation_steps"]
+    custom = TrainConfig(batch_size=8, gradient_accumulation_steps=1, block_size=128, min_steps=100)
+    assert plan_steps(custom, 1_000_000)["gradient_accumulation_steps"] == 8  # 122 steps; 16 would give 61
+    assert plan_steps(custom, 50_000)["gradient_accumulation_steps"] == 1  # never fewer than one micro-batch
+    assert plan_steps(custom, 1_000_000, world_size=3)["gradient_accumulation_steps"] % 3 == 0
+
+
+def test_a_time_budget_plans_the_steps_that_fit_from_measured_speed():
+    config = TrainConfig(batch_size=8, block_size=128, gradient_accumulation_steps=1, eval_interval=50,
+                         warmup_iters=20, max_iters=10**6)  # fmt: skip
+    timed = dict(steps=4, micro=4 * 0.5, optimizer=4 * 0.1)  # 0.5 s per micro-batch, 0.1 s per update
+    plan = plan_time(config, seconds_left=310.0, timed=timed, eval_seconds=5.0, step=5)
+    # (310 - 5 for the final evaluation) / (0.6 s per step + 5 s every 50 steps) = 435.7: 435 steps after 5
+    assert plan == dict(max_iters=440, gradient_accumulation_steps=1, warmup_iters=20, lr_decay_iters=440)
+    grown = plan_time(TrainConfig(**{**config.to_dict(), "min_steps": 100}), 310.0, timed, 5.0, 5)
+    assert grown["gradient_accumulation_steps"] == 4  # 610 micro-batches fit: 4 per step keeps >= 100 steps
+    assert grown["max_iters"] - 5 == int(305 / (4 * 0.5 + 0.1 + 5 / 50))
+
+
+class FakeClock:
+    """A wall clock that advances a fixed amount each time it is read: a time budget's plan then depends
+    only on the code path, never on the machine's speed."""
+
+    def __init__(self, tick: float, interrupt_at: int | None = None):
+        self.now, self.tick, self.reads, self.interrupt_at = 1_000_000.0, tick, 0, interrupt_at
+
+    def __call__(self) -> float:
+        self.reads += 1
+        if self.reads == self.interrupt_at:
+            signal.raise_signal(signal.SIGINT)  # as a Ctrl-C would: finish the step, save, stop
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_plan_is_fixed_once_and_survives_resume(data_dir, tmp_path, monkeypatch):
+    config = build_config("fast", overrides={**FAST_SMALL, "time": "60s", "eval_interval": 5})
+    monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.25))
+    whole = train(config, data_dir, tmp_path / "whole", progress=False)
+    plan = json.loads((tmp_path / "whole" / "last" / "state.json").read_text())["plan"]
+    assert whole["step"] == plan["max_iters"] > 10 and not whole["interrupted"]
+    assert plan["lr_decay_iters"] == plan["max_iters"]
+    saved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
+    assert saved["max_iters"] == plan["max_iters"] and saved["time"] == 60.0  # the plan is on record
+
+    monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.25, interrupt_at=120))
+    stopped = train(config, data_dir, tmp_path / "split", progress=False)
+    assert stopped["interrupted"] and 4 < stopped["step"] < plan["max_iters"]
+    monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=5.0))  # a far slower machine now ...
+    resumed_config, _ = smallm.train.resume_config(tmp_path / "split")
+    resumed = train(resumed_config, data_dir, tmp_path / "split", resume=True, progress=False)
+    assert resumed["step"] == whole["step"]  # ... keeps the plan it made
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-4)
+    losses = lambda run: [(r["step"], round(r["loss"], 4)) for r in read_rows(run) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+# ---- optimizers and schedules -----------------------------------------------------------------------------
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_everything_else_once(small_config):
+    model = GPT(small_config)
+    adamw, muon = configure_optimizers(model, TrainConfig(optimizer="muon"), "cpu")
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = [names[id(p)] for g in muon.param_groups for p in g["params"]]
+    decayed, plain = ([names[id(p)] for p in g["params"]] for g in adamw.param_groups)
+    everything = in_muon + decayed + plain
+    assert sorted(everything) == sorted(names.values())  # each parameter in exactly one group
+    assert len(everything) == len(set(everything))
+    assert set(in_muon) == {n for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n}
+    assert "transformer.h.0.mlp.c_fc.weight" in in_muon and "transformer.h.1.attn.c_attn.weight" in in_muon
+    assert set(decayed) == {"transformer.wte.weight", "transformer.wpe.weight"}  # the tied head is wte
+    assert "transformer.h.0.ln_1.weight" in plain and "transformer.h.0.attn.c_attn.bias" in plain
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
+
+
+def test_adamw_alone_is_one_optimizer_with_every_parameter(small_config):
+    model = GPT(small_config)
+    (adamw,) = configure_optimizers(model, TrainConfig(), "cpu")
+    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
+
+
+def test_wsd_schedule_warms_up_holds_the_peak_then_decays_linearly():
+    c = TrainConfig(schedule="wsd", learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100,
+                    decay_frac=0.4)  # fmt: skip
+    assert get_lr(0, c) == pytest.approx(1e-4) and get_lr(9, c) == pytest.approx(1e-3)
+    assert get_lr(10, c) == get_lr(59, c) == get_lr(60, c) == pytest.approx(1e-3)  # stable until 60
+    assert get_lr(80, c) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down the line
+    assert get_lr(100, c) == get_lr(500, c) == pytest.approx(1e-4)
+    lrs = [get_lr(s, c) for s in range(60, 101)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_muon_rate_follows_the_schedule_scaled_to_its_own_peak(small_config):
+    config = TrainConfig(optimizer="muon", muon_lr=0.02, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10)
+    optimizers = configure_optimizers(GPT(small_config), config, "cpu")
+    lr = smallm.train.set_lr(optimizers, 4, config)
+    assert lr == pytest.approx(5e-4)
+    assert [g["lr"] for g in optimizers[0].param_groups] == pytest.approx([5e-4, 5e-4])
+    assert [g["lr"] for g in optimizers[1].param_groups] == pytest.approx([0.01])
+
+
+# ---- the fast preset --------------------------------------------------------------------------------------
+
+
+def test_fast_preset_is_the_seed_model_with_its_documented_recipe():
+    fast, seed = build_config("fast"), build_config("seed")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
+        assert getattr(fast, name) == getattr(seed, name)  # checkpoints, export and serving unchanged
+    documented = dict(
+        dropout=0.0, batch_size=8, gradient_accumulation_steps=1, optimizer="muon", grad_clip=1.0,
+    )  # fmt: skip
+    assert {k: getattr(fast, k) for k in documented} == documented
+    assert fast.learning_rate > seed.learning_rate and fast.warmup_iters < seed.warmup_iters
+    assert build_config("seed") == TrainConfig()  # the seed preset stays exactly the seed document
+
+
+def test_fast_learns_clearly_faster_than_the_seed_hyperparameters(data_dir, tmp_path):
+    """Same small model, data and steps: only the recipe differs. Two seeds each, so the margin is
+    measured against seed-to-seed noise."""
+    steps = dict(tokens=40 * 4 * 32, eval_interval=40)  # 40 steps of 4 x 32 tokens, warmup and decay fitted
+    shape = {k: FAST_SMALL[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size")}
+    system = dict(eval_iters=4, log_interval=10, device="cpu", dtype="float32")
+    losses = {}
+    for preset in ("fast", "seed"):
+        for seed in (1, 2):
+            overrides = {**shape, **system, **steps, "seed": seed}
+            if preset == "seed":
+                overrides |= dict(gradient_accumulation_steps=1, dropout=0.0)  # the same tokens per step
+            result = train(build_config(preset, overrides=overrides), data_dir, tmp_path / f"{preset}{seed}",
+                           progress=False)  # fmt: skip
+            losses.setdefault(preset, []).append(result["val_loss"])
+    noise = max(abs(losses["fast"][0] - losses["fast"][1]), abs(losses["seed"][0] - losses["seed"][1]))
+    margin = min(losses["seed"]) - max(losses["fast"])
+    assert margin > 2.0 and margin > 5 * noise, losses
+
+
+def test_resume_with_muon_and_wsd_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    overrides = {**FAST_SMALL, "max_iters": 12, "eval_interval": 4, "schedule": "wsd", "dropout": 0.1}
+    config = build_config("fast", overrides=overrides)
+    whole = train(config, data_dir, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.01, interrupt_at=40))
+    stopped = train(config, data_dir, tmp_path / "split", progress=False)
+    assert stopped["interrupted"]
+    monkeypatch.undo()
+    from safetensors.torch import load_file
+
+    assert any(k.startswith("1:") and k.endswith("momentum_buffer")
+               for k in load_file(str(tmp_path / "split" / "last" / "optimizer.safetensors")))  # fmt: skip
+    resumed = train(config, data_dir, tmp_path / "split", resume=True, progress=False)
+    assert resumed["step"] == 12
+    losses = lambda run: [(r["step"], round(r["loss"], 5)) for r in read_rows(run) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
