@@ -83,12 +83,13 @@ def test_a_token_budget_sets_the_steps_and_fits_warmup_and_decay_to_them():
 
 
 def test_min_steps_grows_the_batch_with_the_budget_but_never_below_min_steps():
-    config = build_config("fast")  # 8 x 128 tokens per micro-batch
-    small, large = plan_steps(config, 380_000), plan_steps(config, 82_000_000)
-    if config.min_steps:
-        assert small["gradient_accumulation_steps"] * 1024 * config.min_steps <= max(380_000, 2048 * 1024)
-        assert 82_000_000 / (large["gradient_accumulation_steps"] * 1024) >= config.min_steps
-        assert large["gradient_accumulation_steps"] > small["gradient_accumulation_steps"]
+    config = build_config("fast")  # 8 x 128 tokens per micro-batch, min_steps 512
+    one_epoch, notebook = plan_steps(config, 380_000), plan_steps(config, 82_000_000)
+    assert (one_epoch["gradient_accumulation_steps"], one_epoch["max_iters"]) == (1, 371)  # small steps
+    assert (notebook["gradient_accumulation_steps"], notebook["max_iters"]) == (128, 626)  # 131,072 tokens
+    assert 82_000_000 / (256 * 1024) < config.min_steps <= notebook["max_iters"]  # doubling again: too few
+    gpu = build_config("fast", overrides={"batch_size": 64})
+    assert plan_steps(gpu, 82_000_000)["gradient_accumulation_steps"] == 16  # the same tokens per step
     custom = TrainConfig(batch_size=8, gradient_accumulation_steps=1, block_size=128, min_steps=100)
     assert plan_steps(custom, 1_000_000)["gradient_accumulation_steps"] == 8  # 122 steps; 16 would give 61
     assert plan_steps(custom, 50_000)["gradient_accumulation_steps"] == 1  # never fewer than one micro-batch

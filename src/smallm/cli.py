@@ -144,9 +144,10 @@ def add_train(sub):
 
 
 def run_train(args):
+    import dataclasses
     import os
 
-    from smallm.train_config import FIELDS, build_config, config_to_yaml, resume_config
+    from smallm.train_config import FIELDS, build_config, config_to_yaml, plan_steps, resume_config
 
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     data, out = getattr(args, "data", None), getattr(args, "out", None)
@@ -162,6 +163,8 @@ def run_train(args):
         config = build_config(preset or "seed", config_file, overrides)
         data = data or "data/tinystories"
     if args.print_config:
+        if config.tokens:  # a token budget's plan is known now (a time budget's only once training runs)
+            config = dataclasses.replace(config, **plan_steps(config, config.tokens))
         print(config_to_yaml(config), end="")
         return 0
 

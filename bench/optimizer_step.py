@@ -1,0 +1,76 @@
+"""What Muon costs: a training step of the `fast` recipe (Muon + AdamW) against the same step with AdamW.
+
+Both run the seed shape in one process on the same batches, alternating step by step (so load on the
+machine hits both alike): forward, backward, clip, optimizer step, zero_grad, in the dtype `--dtype auto`
+picks. Prints the median seconds per step, tokens/s, the ratio, and the optimizer step alone (Muon's
+Newton-Schulz iterations on the 24 block matrices against a fused AdamW update), plus peak RSS.
+
+    flock /tmp/smallm-bench.lock python bench/optimizer_step.py              # batch 8 x 128, as `fast`
+    flock /tmp/smallm-bench.lock python bench/optimizer_step.py --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import time
+
+import torch
+
+from smallm.model import GPT
+from smallm.train import build_config, configure_optimizers, pick_dtype
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per optimizer (after 3 warm-up)")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+
+    dtype, why = pick_dtype(args.dtype, torch.device("cpu"))
+    autocast = (
+        torch.autocast("cpu", dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
+    )
+    runs = {}
+    for name in ("adamw", "muon"):
+        config = build_config("fast", overrides=dict(optimizer=name, batch_size=args.batch_size))
+        torch.manual_seed(0)
+        model = GPT(config.model_config())
+        runs[name] = dict(model=model, optimizers=configure_optimizers(model, config, "cpu"), step=[], opt=[])
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50257, (args.batch_size, 129), generator=g) for _ in range(4)]
+
+    for i in range(3 + args.steps):
+        for run in runs.values():
+            x, y = batches[i % 4][:, :-1], batches[i % 4][:, 1:]
+            t0 = time.perf_counter()
+            with autocast:
+                _, loss = run["model"](x, y, return_logits=False)
+            loss.backward()
+            t1 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(run["model"].parameters(), 1.0)
+            for optimizer in run["optimizers"]:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
+            if i >= 3:
+                run["step"].append(t2 - t0)
+                run["opt"].append(t2 - t1)
+
+    tokens = args.batch_size * 128
+    print(f"seed shape, batch {args.batch_size} x 128, dtype {dtype} ({why}), "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps")  # fmt: skip
+    base = statistics.median(runs["adamw"]["step"])
+    for name, run in runs.items():
+        step, opt = statistics.median(run["step"]), statistics.median(run["opt"])
+        print(f"{name:6} {step:7.3f} s/step  {tokens / step:7.0f} tokens/s  ratio {base / step:5.2f}  "
+              f"optimizer step {opt * 1000:6.1f} ms")  # fmt: skip
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (both models)")
+
+
+if __name__ == "__main__":
+    main()
