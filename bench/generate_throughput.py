@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -70,13 +71,18 @@ def worker(side: str, batch_size: int, prompt_len: int, new_tokens: int) -> None
     print(json.dumps({"peak_rss_mb": peak, "tokens": out[:, prompt_len:].tolist()}), flush=True)
 
 
-def measure(batch_size: int, prompt_len: int, new_tokens: int, runs: int) -> dict:
-    """Start both sides as children and alternate their runs, so that both see the same machine load."""
+def measure(batch_size: int, prompt_len: int, new_tokens: int, runs: int, baseline_src=None) -> dict:
+    """Start the sides as children and alternate their runs, so that all see the same machine load.
+    With baseline_src, a third side runs smallm from that source tree (an older version, say)."""
     procs = {}
-    for side in ("smallm", "transformers"):
+    sides = {"smallm": "smallm", "transformers": "transformers"}
+    if baseline_src:
+        sides["baseline"] = "smallm"
+    for name, side in sides.items():
         cmd = [sys.executable, __file__, "--side", side, "--batch-size", str(batch_size)]
         cmd += ["--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens)]
-        procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, "PYTHONPATH": str(baseline_src)} if name == "baseline" else None
+        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(side, line):
         procs[side].stdin.write(line + "\n")
@@ -106,6 +112,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=112, help="prompt + new tokens <= 128 positions")
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--baseline-src", help="src/ of another smallm, measured as a third side")
     parser.add_argument("--side", choices=["smallm", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,7 +128,7 @@ def main():
     )
     print(f"{'batch':>5} {'side':>12} {'tokens/s':>10} {'peak RSS MB':>12} {'ratio':>7}")
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        results = measure(batch_size, args.prompt_len, args.new_tokens, args.runs)
+        results = measure(batch_size, args.prompt_len, args.new_tokens, args.runs, args.baseline_src)
         same = results["smallm"]["tokens"] == results["transformers"]["tokens"]
         ratio = results["smallm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
         for side, r in results.items():
@@ -130,6 +137,11 @@ def main():
                 f"{batch_size:>5} {side:>12} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} {shown:>7}"
             )
         print(f"{'':>5} same greedy tokens: {same}")
+        if "baseline" in results:
+            base = results["baseline"]
+            same = results["smallm"]["tokens"] == base["tokens"]
+            ratio = results["smallm"]["tokens_per_s"] / base["tokens_per_s"]
+            print(f"{'':>5} smallm / baseline tokens/s: {ratio:.3f}x; same greedy tokens: {same}")
 
 
 if __name__ == "__main__":

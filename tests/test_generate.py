@@ -56,7 +56,7 @@ def test_kv_cache_logits_equal_full_forward(model):
             step_logits, _ = model(idx[:, t : t + 1], kv_cache=cache)
             full_logits, _ = model(idx[:, : t + 1])
             torch.testing.assert_close(step_logits, full_logits, rtol=1e-5, atol=1e-5)
-    assert cache.pos == 20
+    assert cache.lengths.tolist() == [20, 20]
 
 
 def test_greedy_equals_transformers_greedy_on_the_same_weights(model):
@@ -97,6 +97,82 @@ def test_batched_prompts_equal_one_at_a_time(model):
     a = model.generate(idx, 40, temperature=1.0, top_k=50, generator=gen(5))
     b = model.generate(idx, 40, temperature=1.0, top_k=50, generator=gen(5))
     assert torch.equal(a, b)
+
+
+def ragged_prompts(lengths, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths]
+
+
+# prompts of different lengths: 1 token, near block_size (32), exactly it, and past it
+RAGGED = [7, 1, 30, 31, 32, 45, 12]
+
+
+def test_batched_ragged_prompts_equal_one_by_one_greedy(model):
+    prompts_ = ragged_prompts(RAGGED)
+    new = 40  # every row crosses block_size: the cache rows are refilled / recomputed per row
+    batched = model.generate(prompts_, new, temperature=0)
+    assert [len(out) for out in batched] == [n + new for n in RAGGED]
+    for prompt, out in zip(prompts_, batched, strict=True):
+        alone = model.generate(torch.tensor([prompt]), new, temperature=0)[0]
+        assert torch.equal(out, alone)
+        assert out[: len(prompt)].tolist() == prompt
+    reference = model.generate(prompts_, new, temperature=0, use_kv_cache=False)  # no cache, no batch
+    assert all(torch.equal(a, b) for a, b in zip(batched, reference, strict=True))
+
+
+def test_batched_ragged_prompts_equal_one_by_one_seeded_sampling(model):
+    prompts_ = ragged_prompts(RAGGED, seed=3)
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(len(prompts_))]
+
+    batched = model.generate(prompts_, 40, temperature=1.0, top_p=0.9, top_k=100, generator=gens())
+    for prompt, g, out in zip(prompts_, gens(), batched, strict=True):
+        alone = model.generate(torch.tensor([prompt]), 40, temperature=1.0, top_p=0.9, top_k=100, generator=g)
+        assert torch.equal(out, alone[0])
+    assert len({tuple(out[-40:].tolist()) for out in batched}) == len(prompts_)  # really sampled
+
+
+def test_decoder_rows_join_and_leave_mid_batch(model):
+    """Sequences join a running batch at different steps and leave early; each gets exactly what it
+    gets alone, and a finished one frees its cache row for the next."""
+    from smallm.model import Decoder
+
+    prompts_ = ragged_prompts([5, 29, 1, 12, 33, 8], seed=4)
+    plan = [  # (joins before step, leaves after this many tokens, seeded or greedy)
+        (0, 40, None),
+        (0, 3, 11),
+        (2, 25, None),
+        (3, 6, 12),
+        (5, 10, 13),
+        (9, 20, None),  # joins once the 4th row has left: takes its row in the cache
+    ]
+    decoder = Decoder(model, max_batch=4)
+    rows, done = {}, {}
+    for step in range(60):
+        for i, (joins, _, seed) in enumerate(plan):
+            if joins == step:
+                g = torch.Generator().manual_seed(seed) if seed is not None else None
+                rows[i] = decoder.add(prompts_[i], 0 if seed is None else 1.0, None, None, g)
+        assert len(decoder.sequences) <= 4 and len(decoder.slots) <= 4
+        if not decoder.sequences:
+            break
+        tokens = decoder.step()
+        assert tokens == [r.tokens[-1] for r in decoder.sequences]
+        for i, row in list(rows.items()):
+            if len(row.tokens) - len(prompts_[i]) == plan[i][1]:
+                decoder.remove(row)
+                done[i] = rows.pop(i).tokens
+    assert sorted(done) == list(range(len(plan))) and not decoder.slots
+    for i, (_, n, seed) in enumerate(plan):
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        temperature = 0 if seed is None else 1.0
+        alone = model.generate(torch.tensor([prompts_[i]]), n, temperature=temperature, generator=g)[0]
+        assert done[i] == alone.tolist(), f"sequence {i}"
+    with pytest.raises(SmallmError, match="full"):
+        for _ in range(5):
+            decoder.add([1, 2, 3])
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
@@ -216,11 +292,14 @@ def test_detokenize_never_breaks_a_character():
 def test_generate_text_writes_prompt_then_continuation(model):
     written = []
     texts = generate_text(
-        model, "Once upon a time", 12, top_k=50, seed=4, num_samples=2, write=written.append
+        model, "Once upon a time", 12, top_k=50, seed=4, num_samples=3, write=written.append
     )
-    assert len(texts) == 2 and all(t.startswith("Once upon a time") for t in texts)
-    assert "".join(written) == texts[0] + "\n---------------\n" + texts[1]
-    assert texts == generate_text(model, "Once upon a time", 12, top_k=50, seed=4, num_samples=2)
+    assert len(texts) == 3 and all(t.startswith("Once upon a time") for t in texts)
+    assert "".join(written) == "\n---------------\n".join(texts)
+    assert texts == generate_text(model, "Once upon a time", 12, top_k=50, seed=4, num_samples=3)
+    # the samples are one batch, and sample i is what seed + i gives alone
+    assert texts[1:] == [generate_text(model, "Once upon a time", 12, top_k=50, seed=s)[0] for s in (5, 6)]
+    assert len(set(texts)) == 3
 
 
 # ---- checkpoints and the CLI ------------------------------------------------------------------------------

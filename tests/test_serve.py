@@ -1,7 +1,11 @@
 """`smallm serve`: OpenAI-compatible completions that the `openai` client uses unchanged, strict validation
-with JSON errors, and concurrent clients that each get exactly their own output."""
+with JSON errors, concurrent clients batched together that each get exactly their own output, and
+back-pressure (503 + Retry-After) when the batch and the queue are full."""
 
+import contextlib
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -191,6 +195,11 @@ def test_unknown_routes_answer_json_errors(client):
 def test_health_and_models(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["max_tokens_cap"] == CAP and health["block_size"] == 32
+    assert health["max_batch"] == 8 and health["max_queue"] == 32
+    assert {"active", "queued", "tokens_per_s"} <= set(health)
+    client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "temperature": 0})
+    health = client.get("/health").json()
+    assert health["active"] == 0 and health["queued"] == 0 and health["tokens_per_s"] > 0
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
 
 
@@ -217,9 +226,123 @@ def test_sixteen_requests_from_eight_threads_each_get_their_own_output(server, m
     assert answers == expected
 
 
+def sampled_text(model, prompt: str, n: int, temperature: float, top_p: float, seed: int) -> str:
+    """What the model continues `prompt` with alone, sampling from a generator seeded `seed`."""
+    enc = get_tokenizer()
+    idx = torch.tensor([enc.encode(prompt)])
+    g = torch.Generator().manual_seed(seed)
+    out = model.generate(idx, n, temperature=temperature, top_p=top_p, eos_token_id=50256, generator=g)
+    return enc.decode([t for t in out[0, idx.size(1) :].tolist() if t != 50256])
+
+
+def test_requests_joining_and_leaving_the_batch_each_get_their_alone_text(server, model):
+    """Seeded and greedy requests of different prompt lengths and max_tokens (so they join and leave the
+    batch at different steps, some past the 32-token context) each get exactly what they get alone."""
+    requests = []
+    for i in range(12):
+        prompt = "Tom" + " and the dog" * (i % 5) * 2  # 1 to 25 tokens
+        body = {"prompt": prompt, "max_tokens": [3, 40, 9, 17][i % 4], "stream": i % 3 == 0}
+        body.update({"temperature": 0} if i % 2 else {"temperature": 0.9, "top_p": 0.95, "seed": 1000 + i})
+        requests.append(body)
+
+    def alone(body):
+        if body["temperature"] == 0:
+            return greedy_text(model, body["prompt"], body["max_tokens"])
+        return sampled_text(model, body["prompt"], body["max_tokens"], 0.9, 0.95, body["seed"])
+
+    def ask(body):
+        response = httpx.post(server + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200
+        if not body["stream"]:
+            return response.json()["choices"][0]["text"]
+        events = [x[6:] for x in response.text.split("\n\n") if x.startswith("data: ")]
+        return "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(ask, requests))
+    assert answers == [alone(body) for body in requests]
+
+
+@contextlib.contextmanager
+def gated_server(model, max_batch, max_queue, delay=0.0):
+    """A server whose decode steps wait for `gate` (and then sleep `delay`): requests stay in the batch
+    or the queue as long as the test needs. Yields its URL, the gate, and the list of steps taken."""
+    app = create_app(model, model_name="tiny", max_tokens_cap=CAP, max_batch=max_batch, max_queue=max_queue)
+    decoder = app.state.generator.decoder
+    gate, real_step, steps = threading.Event(), decoder.step, []
+
+    def step():
+        gate.wait(timeout=30)
+        time.sleep(delay)
+        steps.append(len(decoder.sequences))
+        return real_step()
+
+    decoder.step = step
+    with running_server(app) as base:
+        yield base, gate, steps
+    gate.set()
+
+
+def wait_for_health(base, **expected):
+    for _ in range(200):
+        health = httpx.get(base + "/health", timeout=5).json()
+        if all(health[k] == v for k, v in expected.items()):
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"/health never showed {expected}: {health}")
+
+
+def test_full_queue_answers_503_with_retry_after_at_once(model):
+    with gated_server(model, max_batch=1, max_queue=1) as (base, gate, _), ThreadPoolExecutor(2) as pool:
+        body = {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
+        first = pool.submit(httpx.post, base + "/v1/completions", json=body, timeout=60)
+        wait_for_health(base, active=1, queued=0)  # in the batch, stuck at its first step
+        second = pool.submit(httpx.post, base + "/v1/completions", json=body, timeout=60)
+        wait_for_health(base, active=1, queued=1)
+        start = time.perf_counter()
+        refused = httpx.post(base + "/v1/completions", json={**body, "stream": True}, timeout=60)
+        assert time.perf_counter() - start < 2.0  # at once, not after the others
+        assert refused.status_code == 503
+        assert int(refused.headers["retry-after"]) >= 1
+        error = refused.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_busy" and error["message"]
+        gate.set()
+        expected = greedy_text(model, "Once upon a time", 5)
+        assert [f.result().json()["choices"][0]["text"] for f in (first, second)] == [expected] * 2
+        wait_for_health(base, active=0, queued=0)
+        assert httpx.post(base + "/v1/completions", json=body, timeout=60).status_code == 200
+
+
+def test_disconnected_stream_frees_its_slot(model):
+    """A client that drops its stream leaves the batch within a few steps, long before its max_tokens,
+    and the next request (batch of one) gets the row."""
+    with gated_server(model, max_batch=1, max_queue=4, delay=0.1) as (base, gate, steps):
+        gate.set()
+        body = {"prompt": "Once upon a time", "max_tokens": CAP, "temperature": 0, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # the first token arrived; now hang up
+        wait_for_health(base, active=0, queued=0)
+        assert len(steps) < CAP / 2  # it left the batch, it did not run its 48 steps
+        short = {"prompt": "Hi", "max_tokens": 2, "temperature": 0}
+        assert httpx.post(base + "/v1/completions", json=short, timeout=60).status_code == 200
+        assert steps[-2:] == [1, 1]  # the next request ran alone in the freed row
+
+
+def test_disconnected_plain_request_leaves_the_batch(model):
+    with gated_server(model, max_batch=1, max_queue=4, delay=0.1) as (base, gate, steps):
+        gate.set()
+        body = {"prompt": "Once upon a time", "max_tokens": CAP, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", json=body, timeout=0.5)  # gives up, closes the socket
+        wait_for_health(base, active=0, queued=0)
+        assert len(steps) < CAP / 2  # it left the batch, it did not run its 48 steps
+
+
 def test_serve_binds_localhost_by_default():
     args = build_parser().parse_args(["serve", "runs/x"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert (args.max_batch, args.max_queue) == (8, 32)
 
 
 def test_serve_of_a_missing_run_is_one_line_error(tmp_path, capsys):

@@ -205,7 +205,9 @@ def add_generate(sub):
     p.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens (1 = greedy)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with prob >= p")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: different every run)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples to print")
+    p.add_argument(
+        "--num-samples", type=int, default=1, help="how many samples to print (generated as one batch)"
+    )
     p.add_argument(
         "--stop-at-eot",
         action=argparse.BooleanOptionalAction,
@@ -313,13 +315,19 @@ def add_serve(sub):
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="requests generated together, one batch per decode step"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=32, help="requests waiting for the batch; beyond, 503 + Retry-After"
+    )
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args):
     from smallm.serve import serve
 
-    serve(args.run_dir, host=args.host, port=args.port, max_tokens_cap=args.max_tokens_cap)
+    serve(args.run_dir, args.host, args.port, args.max_tokens_cap, args.max_batch, args.max_queue)
 
 
 VERBS = [add_prepare, add_train, add_generate, add_eval, add_export, add_serve]

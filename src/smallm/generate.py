@@ -1,6 +1,7 @@
 """Sampling text from a trained model: find its checkpoint, stream tokens, decode them as they come.
 
-`smallm generate RUN --prompt TEXT` is `resolve_checkpoint` + `load_model` + `generate_text`.
+`smallm generate RUN --prompt TEXT` is `resolve_checkpoint` + `load_model` + `generate_text` (its
+--num-samples decode as one batch, see smallm.model.Decoder).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from smallm.checkpoint import CONFIG, load_model
 from smallm.errors import SmallmError
+from smallm.model import Decoder
 from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, get_tokenizer
 
 
@@ -83,34 +85,71 @@ def generate_text(
     stop_at_eot: bool = True,
     write=None,
 ) -> list[str]:
-    """Sample num_samples continuations of prompt; returns each sample's text (prompt + continuation).
+    """Sample num_samples continuations of prompt, as one batch; returns each sample's text (prompt +
+    continuation).
 
-    write(text), when given, receives each sample piece by piece as it is produced: the prompt, then every
-    new token's text (decoded incrementally so a character split across tokens is never broken), with a
-    separator line between samples. The same seed gives the same texts. With stop_at_eot a sample ends at
-    <|endoftext|> (not shown); without, generation runs on and the marker appears as text.
+    write(text), when given, receives the samples in order, piece by piece: the prompt, then every new
+    token's text (decoded incrementally so a character split across tokens is never broken), with a
+    separator line between samples. The first unfinished sample is written as it is produced; the later
+    ones are held until it ends. Sample i draws from its own generator seeded seed + i, so the same seed
+    gives the same texts, and sample i alone is `seed + i`'s first sample. With stop_at_eot a sample ends
+    at <|endoftext|> (not shown); without, generation runs on and the marker appears as text.
     """
-    prompt_ids = encode_prompt(prompt)
+    prompt_ids = encode_prompt(prompt) or [EOT_TOKEN]
     device = model.lm_head.weight.device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generators = [torch.Generator(device=device) for _ in range(num_samples)]
+    for i, generator in enumerate(generators):
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed + i)
     write = write or (lambda text: None)
     eos = EOT_TOKEN if stop_at_eot else None
-    texts = []
+    decoder = Decoder(model, num_samples)
+    rows = [decoder.add(prompt_ids, temperature, top_k, top_p, g) for g in generators]
+    pieces = [[prompt] for _ in rows]  # each sample's text so far
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in rows]
+    done = [max_new_tokens == 0] * num_samples
+    shown = [0] * num_samples  # pieces of each sample already written
+    current = 0  # the sample being written
+
+    def show():  # write what can be written now, in order
+        nonlocal current
+        while current < num_samples:
+            if current > 0 and shown[current] == 0:
+                write("\n---------------\n")
+            for piece in pieces[current][shown[current] :]:
+                if piece:
+                    write(piece)
+            shown[current] = len(pieces[current])
+            if not done[current]:
+                return
+            current += 1
+
+    def end(i):  # sample i is finished: flush a character cut short by its last token
+        pieces[i].append(decoders[i].decode(b"", final=True))
+        done[i] = True
+
+    show()
+    enc = get_tokenizer()
+    for _ in range(max_new_tokens):
+        decoder.step()
+        for i, row in enumerate(rows):
+            if done[i]:
+                continue
+            if row.tokens[-1] == eos:
+                decoder.remove(row)
+                end(i)
+            else:
+                pieces[i].append(decoders[i].decode(enc.decode_single_token_bytes(row.tokens[-1])))
+        show()
+        if all(done):
+            break
     for i in range(num_samples):
-        if i > 0:
-            write("\n---------------\n")
-        pieces = [prompt]
-        write(prompt)
-        tokens = stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos, generator)
-        for piece in detokenize(t for t in tokens if t != eos):
-            pieces.append(piece)
-            write(piece)
-        texts.append("".join(pieces))
-    return texts
+        if not done[i]:
+            end(i)
+    show()
+    return ["".join(p) for p in pieces]
 
 
 def detokenize(tokens: Iterable[int]) -> Iterator[str]:

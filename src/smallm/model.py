@@ -5,6 +5,7 @@ Shapes: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size (C
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -117,21 +118,72 @@ def linear_cross_entropy(x, weight, targets, chunk_rows: int = 256):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to block_size."""
+    """Keys and values of every layer, preallocated to block_size, for batch_size rows.
+
+    Row b holds its first lengths[b] positions. Rows may hold different numbers of positions (a ragged
+    batch, as continuous batching makes): each row then writes at its own position and attends only to
+    its own positions, through a mask. When every row is at the same position there is no mask.
+    """
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        self.block_size = config.block_size
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0  # number of positions already cached
+        # zeros, not empty: keys past a row's length are masked out but still multiplied (by 0), so no nan
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # positions cached per row (CPU)
+        # set by begin() for the next forward: where the new positions go (an int, the same for every
+        # row, or (row index (B, 1), positions (B, T))), how many keys to read, which keys each query sees
+        self.start, self.end, self.mask = 0, 0, None
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start .. stop-1 as a cache of their own, sharing this one's memory and lengths."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.lengths = self.lengths[start:stop]  # a view: advancing it advances this cache's rows
+        return view
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row src (its cached positions) into row dst."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def begin(self, T: int, device):
+        """Prepare a forward of T new positions in every row; returns their positions, (T,) or (B, T)."""
+        first, last = int(self.lengths.min()), int(self.lengths.max())
+        if last + T > self.block_size:
+            raise SmallmError(
+                f"cannot forward {last + T} positions: the model's block_size is {self.block_size}"
+            )
+        arange = torch.arange(T, device=device)
+        self.end = last + T
+        if first == last:  # every row at the same position: a slice, and a mask only to see past positions
+            self.start = first
+            self.mask = None
+            if first > 0 and T > 1:
+                self.mask = torch.ones(T, first + T, dtype=torch.bool, device=device).tril(diagonal=first)
+            return arange + first  # (T,)
+        pos = self.lengths.to(device).unsqueeze(1) + arange  # (B, T)
+        self.start = (torch.arange(pos.size(0), device=device).unsqueeze(1), pos)  # (B, 1), (B, T)
+        # the query at position p sees its row's keys 0 .. p
+        keys = torch.arange(self.end, device=device)
+        self.mask = (keys <= pos.unsqueeze(2)).unsqueeze(1)  # (B, 1, T, end)
+        return pos
 
     def update(self, layer: int, k, v):
-        """Store k, v (B, nh, T, hs) at the current position; return all keys and values so far."""
-        T = k.size(2)
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store k, v (B, nh, T, hs) at the positions begin() set; return every row's keys and values up
+        to the longest row (B, nh, L, hs)."""
+        if isinstance(self.start, int):
+            self.k[layer, :, :, self.start : self.start + k.size(2)] = k
+            self.v[layer, :, :, self.start : self.start + k.size(2)] = v
+        else:
+            rows, pos = self.start
+            # two index tensors around a slice: the indexed view is (B, T, nh, hs)
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        return self.k[layer, :, :, : self.end], self.v[layer, :, :, : self.end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -156,22 +208,18 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        past = 0
-        if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
-        # Query i (absolute position past + i) may look at keys 0 .. past + i.
         mask = None
-        if past > 0 and T > 1:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        causal = past == 0 and T > 1
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, L, hs)
+            mask = kv_cache.mask  # (T, L) or (B, 1, T, L): which keys each query sees; None: causal or all
+        causal = mask is None and T > 1 and k.size(2) == T
         dropout_p = self.dropout if self.training else 0.0
         if dropout_p > 0 and causal and x.device.type == "cpu" and torch.is_grad_enabled():
             y = _CausalAttentionDropout.apply(q, k, v, dropout_p)  # SDPA's CPU fallback keeps 4x more
         elif self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
         else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, L)
             if causal:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             if mask is not None:
@@ -353,18 +401,20 @@ class GPT(nn.Module):
         the (B*T, V) logits (see linear_cross_entropy); the same loss and gradients, faster, far less memory.
         """
         B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > self.config.block_size:
+        if kv_cache is not None:
+            pos = kv_cache.begin(T, idx.device)  # (T,), or (B, T) when the rows are at different positions
+        elif T > self.config.block_size:
             raise SmallmError(
-                f"cannot forward {start + T} positions: the model's block_size is {self.config.block_size}"
+                f"cannot forward {T} positions: the model's block_size is {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.lengths += T
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the next token is needed
         if not return_logits:
@@ -382,42 +432,66 @@ class GPT(nn.Module):
         top_p: float | None = None,
         eos_token_id: int | None = None,
         use_kv_cache: bool = True,
-        generator: torch.Generator | None = None,
+        generator=None,
     ):
-        """Continue idx (B, T) by up to max_new_tokens sampled tokens; returns ids with the prompt included.
+        """Continue each prompt by up to max_new_tokens sampled tokens; returns ids with the prompt included.
 
-        temperature 0 or top_k 1 is greedy. With eos_token_id, a row stops after producing it and is padded
-        with it; generation ends early once every row has stopped. The model sees at most the last
-        block_size tokens; with the KV cache each new token costs one position until the context is full,
-        after which the cache is refilled from the last block_size tokens (positions are learned, so they
-        cannot slide). Runs in eval mode (no dropout) and restores the previous mode.
+        idx is a (B, T) tensor, or a list of B prompts (lists or 1-D tensors of ids) of any lengths; the
+        result is then a (B, T + new) tensor, or a list of B 1-D tensors. All rows decode as one batch
+        (see Decoder), each at its own position. temperature 0 or top_k 1 is greedy. generator is one
+        torch.Generator for every row, or a list of one per row: then row b's tokens depend only on its
+        prompt and generator[b], not on the rest of the batch. With eos_token_id a row stops after
+        producing it (in a tensor result it is padded with it). The model sees at most the last
+        block_size tokens. Runs in eval mode (no dropout) and restores the previous mode.
         """
-        B, T = idx.size()
+        ragged = not torch.is_tensor(idx)
+        prompts = [[int(t) for t in p] for p in idx] if ragged else idx.tolist()
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise SmallmError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
+        if len(generators) != len(prompts):
+            raise SmallmError(f"{len(generators)} generators for {len(prompts)} prompts; pass one per prompt")
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
-                out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
-                out[:, :T] = idx
-                done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that produced eos
-                n = T
-                steps = self.generate_tokens(
-                    idx, max_new_tokens, temperature, top_k, top_p, use_kv_cache, generator
-                )
-                for next_id in steps:  # (B, 1)
-                    if eos_token_id is not None:
-                        next_id = next_id.masked_fill(done.unsqueeze(1), eos_token_id)
-                        done |= next_id.squeeze(1) == eos_token_id
-                    out[:, n : n + 1] = next_id
-                    n += 1
-                    if eos_token_id is not None and bool(done.all()):
+            if use_kv_cache:
+                decoder = Decoder(self, max(1, len(prompts)))
+                rows = [
+                    decoder.add(p, temperature, top_k, top_p, g)
+                    for p, g in zip(prompts, generators, strict=True)
+                ]
+                for _ in range(max_new_tokens):
+                    if not decoder.sequences:
                         break
-                out = out[:, :n]
+                    decoder.step()
+                    for row in [r for r in decoder.sequences if r.tokens[-1] == eos_token_id]:
+                        decoder.remove(row)  # done: its slot is free at once
+                outs = [row.tokens for row in rows]
+            else:  # the reference: every token recomputed from the whole context, one prompt at a time
+                outs = []
+                for prompt, g in zip(prompts, generators, strict=True):
+                    outs.append(list(prompt))
+                    steps = self.generate_tokens(
+                        torch.tensor([prompt]),
+                        max_new_tokens,
+                        temperature,
+                        top_k,
+                        top_p,
+                        use_kv_cache=False,
+                        generator=g,
+                    )
+                    for next_id in steps:
+                        outs[-1].append(int(next_id))
+                        if outs[-1][-1] == eos_token_id:
+                            break
         finally:
             self.train(was_training)
-        return out.clone()  # a normal tensor, usable outside inference mode
+        device = idx.device if not ragged else self.lm_head.weight.device
+        if ragged:
+            return [torch.tensor(out, dtype=torch.long, device=device) for out in outs]
+        width = max((len(out) for out in outs), default=idx.size(1))
+        padded = [out + [eos_token_id] * (width - len(out)) for out in outs]  # rows that stopped early
+        return torch.tensor(padded, dtype=torch.long, device=device).view(len(outs), width)
 
     @torch.inference_mode()
     def generate_tokens(
@@ -432,29 +506,25 @@ class GPT(nn.Module):
     ):
         """Yield the next token ids (B, 1) of idx (B, T), one step at a time, up to max_new_tokens steps.
 
-        The loop behind generate() and smallm.generate.stream(); it never stops early (the caller decides
-        about eos) and uses the model in whatever mode it is in (call eval() first).
+        The loop behind smallm.generate.stream(); it never stops early (the caller decides about eos) and
+        uses the model in whatever mode it is in (call eval() first).
         """
         check_sampling(temperature, top_k, top_p)
         B, T = idx.size()
         if T == 0:
             raise SmallmError("cannot generate from an empty prompt; start from <|endoftext|> (id 50256)")
+        if use_kv_cache:
+            decoder = Decoder(self, B)
+            for prompt in idx.tolist():
+                decoder.add(prompt, temperature, top_k, top_p, generator)
+            for _ in range(max_new_tokens):
+                yield torch.tensor(decoder.step(), dtype=torch.long, device=idx.device).view(B, 1)
+            return
         block_size = self.config.block_size
         seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T + new)
         seq[:, :T] = idx
-        cache = None
-        if use_kv_cache:
-            param = self.lm_head.weight
-            cache = KVCache(self.config, B, param.device, param.dtype)
-        for n in range(T, T + max_new_tokens):  # n tokens so far
-            if cache is None:
-                logits, _ = self(seq[:, max(0, n - block_size) : n])
-            elif cache.pos == 0 or cache.pos >= block_size:
-                # first step, or the context is full: (re)fill the cache from the last block_size tokens
-                cache.pos = 0
-                logits, _ = self(seq[:, max(0, n - block_size) : n], kv_cache=cache)
-            else:
-                logits, _ = self(seq[:, n - 1 : n], kv_cache=cache)  # one new position
+        for n in range(T, T + max_new_tokens):  # n tokens so far; no cache: the last block_size in full
+            logits, _ = self(seq[:, max(0, n - block_size) : n])
             next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             seq[:, n : n + 1] = next_id
             yield next_id
@@ -503,6 +573,113 @@ class GPT(nn.Module):
         from smallm.export import load_hf
 
         return load_hf(directory, device)
+
+
+class Sequence:
+    """One prompt being continued by a Decoder: its tokens so far (prompt included) and how to sample."""
+
+    def __init__(self, prompt, temperature, top_k, top_p, generator):
+        self.tokens = list(prompt)
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.greedy = temperature == 0 or top_k == 1
+        self.slot = None  # its row in the Decoder's KV cache, while it has one
+        self.started = False  # has produced a token
+
+
+class Decoder:
+    """Continuous batching: sequences decoded together, one new token each per step().
+
+    add() a prompt at any time: the next step() prefills it (in one forward with the other prompts added
+    since the last step that have the same length) and from then on it decodes in one batch with every
+    other sequence, each in its own row of a shared KVCache at its own position. remove() drops a
+    sequence at once. Each sequence samples with its own settings and generator, so what it produces does
+    not depend on the rest of the batch (up to float rounding in batched matmuls; greedy is argmax).
+    Past block_size a sequence's context is its last block_size tokens, run in full at every step
+    (positions are learned, so they cannot slide), as at batch 1.
+    """
+
+    def __init__(self, model: GPT, max_batch: int):
+        param = model.lm_head.weight
+        self.model = model
+        self.max_batch = max_batch
+        self.cache = KVCache(model.config, max_batch, param.device, param.dtype)
+        self.slots: list[Sequence] = []  # slots[i] owns cache row i; these decode one position per step
+        self.sequences: list[Sequence] = []  # every sequence, in the order added
+
+    def add(self, prompt, temperature=1.0, top_k=None, top_p=None, generator=None) -> Sequence:
+        """A new sequence continuing prompt (token ids); it gets its first token at the next step()."""
+        check_sampling(temperature, top_k, top_p)
+        if len(prompt) == 0:
+            raise SmallmError("cannot generate from an empty prompt; start from <|endoftext|> (id 50256)")
+        if len(self.sequences) >= self.max_batch:
+            raise SmallmError(f"the decoder is full ({self.max_batch} sequences); remove one first")
+        seq = Sequence(prompt, temperature, top_k, top_p, generator)
+        self.sequences.append(seq)
+        return seq
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop seq (finished, or its client is gone), freeing its cache row."""
+        self._free_slot(seq)
+        self.sequences.remove(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """Give every sequence one new token (appended to its tokens); returns them, in self.sequences'
+        order."""
+        block_size = self.model.config.block_size
+        device = self.cache.k.device
+        decoding = list(self.slots)
+        new = [s for s in self.sequences if not s.started and len(s.tokens) < block_size]
+        full = [s for s in self.sequences if s.slot is None and s not in new]
+        if decoding:  # one new position for every cached sequence, as one batch
+            last = torch.tensor([[s.tokens[-1]] for s in decoding], device=device)  # (n, 1)
+            logits, _ = self.model(last, kv_cache=self.cache.rows(0, len(decoding)))
+            self._sample(decoding, logits)
+        while new:  # prefill: the next run of new prompts of one length, into fresh cache rows
+            run = [s for s in new if len(s.tokens) == len(new[0].tokens)]
+            new = [s for s in new if len(s.tokens) != len(run[0].tokens)]
+            first = len(self.slots)
+            for s in run:
+                s.slot = len(self.slots)
+                self.slots.append(s)
+                self.cache.lengths[s.slot] = 0
+            prompts = torch.tensor([s.tokens for s in run], device=device)  # (n, T)
+            logits, _ = self.model(prompts, kv_cache=self.cache.rows(first, first + len(run)))
+            self._sample(run, logits)
+        if full:  # the context is full: its last block_size tokens, run in full without a cache
+            contexts = torch.tensor([s.tokens[-block_size:] for s in full], device=device)  # (n, block_size)
+            logits, _ = self.model(contexts)
+            self._sample(full, logits)
+        for seq in decoding:
+            if int(self.cache.lengths[seq.slot]) >= block_size:
+                self._free_slot(seq)  # its context is full: from the next step on, run in full
+        return [s.tokens[-1] for s in self.sequences]
+
+    def _sample(self, seqs: list[Sequence], logits) -> None:
+        """Append to each of seqs its next token, from its row of logits (n, 1, V)."""
+        logits = logits[:, -1, :]  # (n, V)
+        if all(s.greedy for s in seqs):
+            ids = logits.argmax(dim=-1).tolist()
+        else:
+            rows = [
+                sample_next_token(logits[i : i + 1], s.temperature, s.top_k, s.top_p, s.generator)
+                for i, s in enumerate(seqs)
+            ]
+            ids = torch.cat(rows).flatten().tolist()
+        for seq, token in zip(seqs, ids, strict=True):
+            seq.tokens.append(token)
+            seq.started = True
+
+    def _free_slot(self, seq: Sequence) -> None:
+        """Give up seq's cache row; the sequence in the last row moves into it, so rows stay 0 .. n-1."""
+        if seq.slot is None:
+            return
+        last = self.slots.pop()
+        if last is not seq:
+            self.cache.move(last.slot, seq.slot)
+            last.slot = seq.slot
+            self.slots[seq.slot] = last
+        seq.slot = None
 
 
 def top_k_filter(logits, k: int):
