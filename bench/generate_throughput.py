@@ -6,6 +6,9 @@ Each side runs in its own child process, so that its peak RSS is its own; the tw
 so that both see the same load on the machine; the timings are medians of `--runs` runs after a warm-up.
 The parent checks that both produced the same tokens, then prints a table.
 
+With --baseline-src DIR a third child runs smallm from DIR (another version's `src`), alternated with the
+other two: the same greedy tokens, and the tokens/s of this version against that one.
+
     flock /tmp/smallm-bench.lock python bench/generate_throughput.py
 """
 

@@ -339,6 +339,27 @@ def test_disconnected_plain_request_leaves_the_batch(model):
         assert len(steps) < CAP / 2  # it left the batch, it did not run its 48 steps
 
 
+def test_a_failing_step_answers_500_and_the_worker_goes_on(model):
+    app = create_app(model, model_name="tiny", max_tokens_cap=CAP)
+    decoder = app.state.generator.decoder
+    real_step = decoder.step
+
+    def failing_once():
+        decoder.step = real_step
+        raise RuntimeError("simulated out of memory")
+
+    decoder.step = failing_once
+    client = TestClient(app)
+    body = {"prompt": "Hi", "max_tokens": 3, "temperature": 0}
+    failed = client.post("/v1/completions", json=body)
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "server_error"
+    assert "simulated out of memory" in failed.json()["error"]["message"]
+    assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == greedy_text(
+        model, "Hi", 3
+    )
+
+
 def test_serve_binds_localhost_by_default():
     args = build_parser().parse_args(["serve", "runs/x"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)

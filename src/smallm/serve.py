@@ -239,14 +239,13 @@ class Batcher:
                 continue
             try:
                 self.decoder.step()
-            except Exception as e:  # noqa: BLE001 - answered to every request in the batch, not lost
+                self.recent.append((time.monotonic(), len(self.active)))  # one token per row
+                for job in list(self.active):
+                    if job.feed(job.row.tokens[-1], self.tokenizer):
+                        self._leave(job)
+            except Exception as e:  # answered to every request in the batch; the worker goes on
                 for job in list(self.active):
                     job.error = e
-                    self._leave(job)
-                continue
-            self.recent.append((time.monotonic(), len(self.active)))  # one token per row
-            for job in list(self.active):
-                if job.feed(job.row.tokens[-1], self.tokenizer):
                     self._leave(job)
             while self.recent and time.monotonic() - self.recent[0][0] > 10.0:
                 self.recent.popleft()
