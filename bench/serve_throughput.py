@@ -147,6 +147,7 @@ def main():
     parser.add_argument("--baseline-src", type=Path, help="src/ of another smallm: its 1-client latency")
     parser.add_argument("--burst", type=int, default=32)
     parser.add_argument("--burst-rounds", type=int, default=3)
+    parser.add_argument("--burst-tokens", type=int, help="max_tokens in the bursts (default --max-tokens)")
     args = parser.parse_args()
 
     from smallm import GPT, GPTConfig
@@ -163,19 +164,20 @@ def main():
         model.save_pretrained(checkpoint)
         procs = {}
         try:
-            procs["ours"] = start_server(checkpoint)
-            if args.baseline_src:
+            if args.rounds:
+                procs["ours"] = start_server(checkpoint)
+            if args.rounds and args.baseline_src:
                 procs["old"] = start_server(checkpoint, args.baseline_src)
             for _, base in procs.values():  # warm-up
                 clients_round(base, 2, 1, 8, 0)
-            ours, n = procs["ours"][1], args.requests_per_client
+            n = args.requests_per_client
             for i in range(args.rounds):  # alternate, so that all see the same background load
                 seed0 = (i + 1) * 1000
-                one.append(clients_round(ours, 1, n, args.max_tokens, seed0))
+                one.append(clients_round(procs["ours"][1], 1, n, args.max_tokens, seed0))
                 if "old" in procs:
                     old.append(clients_round(procs["old"][1], 1, n, args.max_tokens, seed0))
-                many.append(clients_round(ours, args.clients, n, args.max_tokens, seed0))
-            peak = rss_mib(procs["ours"][0].pid, "VmHWM")
+                many.append(clients_round(procs["ours"][1], args.clients, n, args.max_tokens, seed0))
+            peak = rss_mib(procs["ours"][0].pid, "VmHWM") if args.rounds else 0
         finally:
             for proc, _ in procs.values():
                 proc.terminate()
@@ -192,25 +194,27 @@ def main():
             )
             return tok_s
 
-        print(f"\n| {'':34} | {'tokens/s':>8} | {'TTFT p50':>8} | {'TTFT p95':>8} | {'req tok/s':>8} |")
-        print(f"|{'-' * 36}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
-        t1 = row("ours, 1 client", one)
-        t8 = row(f"ours, {args.clients} concurrent clients", many)
-        if old:
-            t_old = row("baseline (--baseline-src), 1 client", old)
-        print(
-            f"\n{args.clients} clients / 1 client, total tokens/s: {t8 / t1:.2f}x; "
-            f"server peak RSS {peak:.0f} MiB"
-        )
-        if old:
-            print(f"1 client, ours / baseline tokens/s: {t1 / t_old:.3f}x")
-        for label, rounds in (("1 client", one), (f"{args.clients} clients", many), ("baseline", old)):
-            if rounds:
-                print(f"rounds, {label} tokens/s:", ", ".join(f"{r['tok_s']:.1f}" for r in rounds))
+        if args.rounds:
+            print(f"\n| {'':34} | {'tokens/s':>8} | {'TTFT p50':>8} | {'TTFT p95':>8} | {'req tok/s':>8} |")
+            print(f"|{'-' * 36}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
+            t1 = row("ours, 1 client", one)
+            t8 = row(f"ours, {args.clients} concurrent clients", many)
+            if old:
+                t_old = row("baseline (--baseline-src), 1 client", old)
+            print(
+                f"\n{args.clients} clients / 1 client, total tokens/s: {t8 / t1:.2f}x; "
+                f"server peak RSS {peak:.0f} MiB"
+            )
+            if old:
+                print(f"1 client, ours / baseline tokens/s: {t1 / t_old:.3f}x")
+            for label, rounds in (("1 client", one), (f"{args.clients} clients", many), ("baseline", old)):
+                if rounds:
+                    print(f"rounds, {label} tokens/s:", ", ".join(f"{r['tok_s']:.1f}" for r in rounds))
 
+        tokens = args.burst_tokens or args.max_tokens
         print(
             f"\nback-pressure: {args.burst} concurrent clients, --max-batch 8 --max-queue 8, "
-            f"{args.burst_rounds} bursts"
+            f"{args.burst_rounds} bursts, {tokens} tokens each"
         )
         proc, base = start_server(checkpoint, SRC, "--max-batch", "8", "--max-queue", "8")
         try:
@@ -218,18 +222,18 @@ def main():
             rss = [rss_mib(proc.pid)]
             results = []
             for b in range(args.burst_rounds):
-                results += burst(base, args.burst, args.max_tokens, (b + 1) * 100_000)
+                results += burst(base, args.burst, tokens, (b + 1) * 100_000)
                 rss.append(rss_mib(proc.pid))
             statuses = [r["status"] for r in results]
             ok = [r for r in results if r["status"] == 200]
             with httpx.Client(timeout=600) as http:  # the same requests alone, one at a time
-                alone = {r["seed"]: request(http, base, r["seed"], args.max_tokens)["text"] for r in ok}
+                alone = {r["seed"]: request(http, base, r["seed"], tokens)["text"] for r in ok}
             rss.append(rss_mib(proc.pid))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     refused = [r for r in results if r["status"] == 503]
-    complete = sum(r["tokens"] == args.max_tokens or r["finish"] == "stop" for r in ok)
+    complete = sum(r["tokens"] == tokens or r["finish"] == "stop" for r in ok)
     same = sum(r["text"] == alone[r["seed"]] for r in ok)
     retry = sorted({r["headers"].get("retry-after") for r in refused})
     codes = sorted({json.loads(r["body"])["error"]["code"] for r in refused})
