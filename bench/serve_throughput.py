@@ -243,8 +243,8 @@ def main():
     )
     print(f"200s complete: {complete}/{len(ok)}; equal to their alone-run text: {same}/{len(ok)}")
     print(
-        "server RSS MiB: before "
-        + ", after each burst ".join(f"{x:.0f}" for x in rss[:-1])
+        f"server RSS MiB: before {rss[0]:.0f}, "
+        + ", ".join(f"after burst {i} {x:.0f}" for i, x in enumerate(rss[1:-1], 1))
         + f", after the alone runs {rss[-1]:.0f}"
     )
 
