@@ -66,9 +66,9 @@ def stream(
             return
 
 
-def encode_prompt(prompt: str) -> list[int]:
-    """GPT-2 ids of prompt; `<|endoftext|>` in the text is the special token."""
-    return get_tokenizer().encode(prompt, allowed_special={EOT_TEXT})
+def encode_prompt(prompt: str, tokenizer=None) -> list[int]:
+    """Ids of prompt (tokenizer None: GPT-2); `<|endoftext|>` in the text is the special token."""
+    return (tokenizer or get_tokenizer()).encode(prompt, allowed_special={EOT_TEXT})
 
 
 def generate_text(
@@ -82,15 +82,18 @@ def generate_text(
     num_samples: int = 1,
     stop_at_eot: bool = True,
     write=None,
+    tokenizer=None,
 ) -> list[str]:
     """Sample num_samples continuations of prompt; returns each sample's text (prompt + continuation).
 
     write(text), when given, receives each sample piece by piece as it is produced: the prompt, then every
     new token's text (decoded incrementally so a character split across tokens is never broken), with a
     separator line between samples. The same seed gives the same texts. With stop_at_eot a sample ends at
-    <|endoftext|> (not shown); without, generation runs on and the marker appears as text.
+    <|endoftext|> (not shown); without, generation runs on and the marker appears as text. tokenizer: the
+    model's (`get_tokenizer(checkpoint)`); None is GPT-2.
     """
-    prompt_ids = encode_prompt(prompt)
+    tokenizer = tokenizer or get_tokenizer()
+    prompt_ids = encode_prompt(prompt, tokenizer) or [tokenizer.eot_token]
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -98,7 +101,7 @@ def generate_text(
     else:
         generator.manual_seed(seed)
     write = write or (lambda text: None)
-    eos = EOT_TOKEN if stop_at_eot else None
+    eos = tokenizer.eot_token if stop_at_eot else None
     texts = []
     for i in range(num_samples):
         if i > 0:
@@ -106,18 +109,18 @@ def generate_text(
         pieces = [prompt]
         write(prompt)
         tokens = stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos, generator)
-        for piece in detokenize(t for t in tokens if t != eos):
+        for piece in detokenize((t for t in tokens if t != eos), tokenizer):
             pieces.append(piece)
             write(piece)
         texts.append("".join(pieces))
     return texts
 
 
-def detokenize(tokens: Iterable[int]) -> Iterator[str]:
+def detokenize(tokens: Iterable[int], tokenizer=None) -> Iterator[str]:
     """Yield the text of tokens as they come. A token can end inside a UTF-8 character (emoji, CJK are
     often split across tokens); those bytes are held back until the character is complete, so the pieces
-    never contain a broken character and join to exactly get_tokenizer().decode(tokens)."""
-    enc = get_tokenizer()
+    never contain a broken character and join to exactly tokenizer.decode(tokens) (None: GPT-2)."""
+    enc = tokenizer or get_tokenizer()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in tokens:
         piece = decoder.decode(enc.decode_single_token_bytes(token))

@@ -126,9 +126,9 @@ class _Job:
 class Generator:
     """Owns the model; generates one request at a time on a single worker thread."""
 
-    def __init__(self, model, max_queue: int = 64):
+    def __init__(self, model, max_queue: int = 64, tokenizer=None):
         self.model = model.eval()
-        self.tokenizer = get_tokenizer()
+        self.tokenizer = tokenizer or get_tokenizer()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smallm-generate")
         self.max_queue = max_queue
         self.pending = 0  # requests submitted and not finished (only touched on the event loop)
@@ -157,14 +157,14 @@ class Generator:
             job.max_new_tokens,
             temperature=req.temperature,
             top_p=req.top_p if req.top_p < 1.0 else None,
-            eos_token_id=EOT_TOKEN,
+            eos_token_id=self.tokenizer.eot_token,
             generator=generator,
         )
         with torch.inference_mode():
             for token in tokens:
                 if job.cancelled.is_set():
                     return text[:emitted]
-                if token == EOT_TOKEN:
+                if token == self.tokenizer.eot_token:
                     job.finish_reason = "stop"
                     break
                 job.completion_tokens += 1
@@ -193,15 +193,17 @@ def create_app(
     max_tokens_cap: int = 512,
     max_body_bytes: int = 64 * 1024,
     max_queue: int = 64,
+    tokenizer=None,
 ) -> FastAPI:
-    """The FastAPI app serving `model` (a smallm GPT). See the module docstring for the endpoints.
+    """The FastAPI app serving `model` (a smallm GPT) with its tokenizer (None: GPT-2). See the module
+    docstring for the endpoints.
 
     max_tokens above max_tokens_cap and bodies above max_body_bytes are refused (400 / 413); more than
     max_queue requests waiting at once get 503.
     """
     if max_tokens_cap < 1:
         raise SmallmError(f"--max-tokens-cap must be at least 1, got {max_tokens_cap}")
-    gen = Generator(model, max_queue)
+    gen = Generator(model, max_queue, tokenizer)
     app = FastAPI(title="smallm", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.generator = gen
 
@@ -268,7 +270,9 @@ def create_app(
             if isinstance(req.prompt, list)
             else gen.tokenizer.encode(req.prompt, allowed_special="all")
         )
-        prompt_ids = prompt or [EOT_TOKEN]  # an empty prompt starts a new document
+        if isinstance(req.prompt, list) and any(t >= gen.tokenizer.n_vocab for t in req.prompt):
+            raise ApiError(400, f"token ids must be below {gen.tokenizer.n_vocab}", "prompt", "invalid_value")
+        prompt_ids = prompt or [gen.tokenizer.eot_token]  # an empty prompt starts a new document
         job = _Job(prompt_ids, req, req.max_tokens)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         base["model"] = model_name
@@ -340,7 +344,8 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, max_tokens_cap:
     model, directory = load_for_inference(checkpoint)
     directory = Path(directory).resolve()
     name = directory.parent.name if directory.name == "best" else directory.name
-    app = create_app(model, model_name=name or "smallm", max_tokens_cap=max_tokens_cap)
+    tokenizer = get_tokenizer(directory)
+    app = create_app(model, model_name=name or "smallm", max_tokens_cap=max_tokens_cap, tokenizer=tokenizer)
     sock = bind_socket(host, port)
     print(f"smallm serve: http://{host}:{sock.getsockname()[1]}/  (Ctrl-C to stop)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
