@@ -179,7 +179,7 @@ PRESETS = {
         eval_iters=5,
         log_interval=10,
     ),
-    # Fine-tuning (with --init-from, which sets the shape): a fresh AdamW at LR_FT after a short warmup,
+    # Fine-tuning (with --init-from, which sets the shape): a fresh AdamW at 1e-3 after a short warmup,
     # cosine down to 1e-5, no dropout, 1,024-token steps. The learning rate is the best of three measured
     # on TinyStories (bench/RESULTS.md, "Fine-tuning"); set max_iters to about one epoch of your text.
     "finetune": dict(
