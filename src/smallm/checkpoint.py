@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 
 from smallm.config import GPTConfig
 from smallm.errors import SmallmError
+from smallm.tokenizer import TOKENIZER_FILE
 
 # torch (and safetensors.torch) are imported inside the functions that need them, so that `smallm prepare`,
 # which only needs atomic_directory, starts without paying for the torch import.
@@ -73,18 +74,42 @@ def read_json(path) -> dict:
         raise SmallmError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
 
 
-def save_model(model, directory, extra_config: dict | None = None) -> None:
-    """Write the model's weights (tied head stored once) and config into `directory`, atomically."""
+def save_model(model, directory, extra_config: dict | None = None, tokenizer_file=None) -> None:
+    """Write the model's weights (tied head stored once) and config into `directory`, atomically, with a
+    copy of `tokenizer_file` (a trained tokenizer.json) if given; without one the model's is GPT-2's."""
     with atomic_directory(directory) as tmp:
-        _write_model(tmp, model, extra_config)
+        _write_model(tmp, model, extra_config, tokenizer_file)
 
 
-def _write_model(directory: Path, model, extra_config: dict | None) -> None:
+def _write_model(directory: Path, model, extra_config: dict | None, tokenizer_file=None) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
-    write_json(directory / CONFIG, {**model.config.to_dict(), "tokenizer": "gpt2", **(extra_config or {})})
+    tokenizer = "gpt2"
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
+        tokenizer = TOKENIZER_FILE
+    write_json(directory / CONFIG, {**model.config.to_dict(), "tokenizer": tokenizer, **(extra_config or {})})
+
+
+def read_model_config(directory) -> GPTConfig:
+    """The shape of the model in a checkpoint directory (smallm's, or a GPT-2-shaped Hugging Face one such
+    as `smallm export` writes), from its config.json alone."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SmallmError(f"no checkpoint directory at {directory}")
+    config_dict = read_json(directory / CONFIG)
+    if "model_type" in config_dict:  # a Hugging Face directory, e.g. one `smallm export` wrote
+        from smallm.export import hf_gpt_config
+
+        return hf_gpt_config(directory)
+    tokenizer = config_dict.get("tokenizer", "gpt2")
+    if tokenizer != "gpt2" and not (tokenizer == TOKENIZER_FILE and (directory / TOKENIZER_FILE).is_file()):
+        raise SmallmError(
+            f"{directory} uses tokenizer {tokenizer!r}, which is not GPT-2 nor a {TOKENIZER_FILE} beside it"
+        )
+    return GPTConfig.from_dict(config_dict)
 
 
 def load_model(directory, device="cpu"):
@@ -96,17 +121,11 @@ def load_model(directory, device="cpu"):
     from smallm.model import GPT
 
     directory = Path(directory)
-    if not directory.is_dir():
-        raise SmallmError(f"no checkpoint directory at {directory}")
-    config_dict = read_json(directory / CONFIG)
-    if "model_type" in config_dict:  # a Hugging Face directory, e.g. one `smallm export` wrote
+    config = read_model_config(directory)
+    if "model_type" in read_json(directory / CONFIG):
         from smallm.export import load_hf
 
         return load_hf(directory, device)
-    if config_dict.get("tokenizer", "gpt2") != "gpt2":
-        raise SmallmError(
-            f"{directory} uses tokenizer {config_dict['tokenizer']!r}; smallm knows only 'gpt2'"
-        )
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise SmallmError(f"{weights} is missing; the checkpoint is incomplete")
@@ -114,7 +133,7 @@ def load_model(directory, device="cpu"):
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise SmallmError(f"{weights} cannot be read ({e}); the checkpoint is corrupt") from e
-    model = GPT(GPTConfig.from_dict(config_dict))
+    model = GPT(config)
     try:
         model.load_state_dict(state)
     except SmallmError as e:
@@ -131,7 +150,9 @@ TRAINING_STATE = "state.json"  # step, tokens, best val loss, grad scaler, optim
 DEVICE_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how the optimizer runs, not state
 
 
-def save_training_state(directory, model, optimizers, state: dict, extra_config: dict | None = None) -> None:
+def save_training_state(
+    directory, model, optimizers, state: dict, extra_config: dict | None = None, tokenizer_file=None
+) -> None:
     """Write the model (as save_model does), the optimizers, torch's RNG states and `state` (JSON-able
     scalars) into `directory`, atomically: a reader sees the old checkpoint or the new one, never a mix."""
     import torch
@@ -154,7 +175,7 @@ def save_training_state(directory, model, optimizers, state: dict, extra_config:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, state bytes)
     with atomic_directory(directory) as tmp:
-        _write_model(tmp, model, extra_config)
+        _write_model(tmp, model, extra_config, tokenizer_file)
         save_file(tensors, str(tmp / OPTIMIZER))
         save_file(rng, str(tmp / RNG))
         write_json(tmp / TRAINING_STATE, {**state, "optimizers": saved})

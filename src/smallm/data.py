@@ -1,8 +1,8 @@
 """Prepared token data: `smallm prepare` writes it, `Batches` reads random training windows from it.
 
-A prepared directory holds `train.bin` and `validation.bin` (flat uint16 GPT-2 token ids, `<|endoftext|>`
-after every story, stories in source order) and `meta.json` (tokenizer, dtype, and per split the number
-of documents, tokens and UTF-8 bytes of source text).
+A prepared directory holds `train.bin` and `validation.bin` (flat uint16 token ids, `<|endoftext|>`
+after every story, stories in source order), `meta.json` (tokenizer, dtype, and per split the number
+of documents, tokens and UTF-8 bytes of source text) and, for a trained tokenizer, its `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import signal
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,15 @@ from tqdm import tqdm
 
 from smallm.checkpoint import atomic_directory
 from smallm.errors import SmallmError
-from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, VOCAB_SIZE, get_tokenizer
+from smallm.tokenizer import (
+    EOT_TEXT,
+    TOKENIZER_FILE,
+    BPETokenizer,
+    file_id,
+    get_tokenizer,
+    parse_tokenizer_spec,
+    train_bpe,
+)
 
 # torch and datasets are imported where they are used: `smallm prepare --text-files` and its worker
 # processes need neither, and importing torch alone takes about a second.
@@ -63,6 +74,8 @@ def read_meta(data_dir) -> dict:
         or not all(isinstance(info, dict) and isinstance(info.get("tokens"), int) for info in splits.values())
     ):
         raise SmallmError(f"{meta_path} does not describe uint16 token files; rerun `smallm prepare --force`")
+    if meta.get("tokenizer", "gpt2") != "gpt2" and not (data_dir / TOKENIZER_FILE).is_file():
+        raise SmallmError(f"{data_dir / TOKENIZER_FILE} is missing; rerun `smallm prepare --force`")
     for split, info in meta["splits"].items():
         _check_bin(data_dir, split, info)
     return meta
@@ -177,6 +190,7 @@ def prepare(
     workers=None,
     seed=1337,
     force=False,
+    tokenizer="gpt2",
 ) -> dict:
     """Tokenize a dataset (or text files) into `out_dir/{train,validation}.bin` and `meta.json`; return meta.
 
@@ -192,14 +206,19 @@ def prepare(
         workers: tokenizer processes (default: every core).
         seed: seeds the validation split.
         force: rebuild even when `out_dir` already holds these inputs.
+        tokenizer: "gpt2"; "bpe:N" to train a byte-level BPE of N tokens on the training split first
+            (stored as out_dir/tokenizer.json); or the path of an existing tokenizer.json (or of a
+            directory holding one, e.g. a checkpoint), to tokenize more text the way a model expects.
 
-    Every document is stripped of surrounding whitespace (empty ones are dropped), tokenized with GPT-2's
-    ordinary encoding and followed by `<|endoftext|>`; documents keep their source order within a split.
-    The returned meta has an extra key "reused": True when `out_dir` was already prepared from these inputs.
+    Every document is stripped of surrounding whitespace (empty ones are dropped), tokenized with the
+    tokenizer's ordinary encoding and followed by `<|endoftext|>`; documents keep their source order within
+    a split. The returned meta has two extra keys: "reused" (True when `out_dir` was already prepared from
+    these inputs) and "tokenizer_seconds" (the time spent training a BPE, else None).
     """
     out_dir = Path(out_dir)
     if not 0 <= val_fraction < 1:
         raise SmallmError(f"--val-fraction must be in [0, 1), not {val_fraction}")
+    kind, tokenizer_arg = parse_tokenizer_spec(tokenizer)
     workers = workers or _cpu_count()
     if workers < 1:
         raise SmallmError(f"--workers must be at least 1, not {workers}")
@@ -215,36 +234,58 @@ def prepare(
         source = {"dataset": str(Path(dataset).resolve()) if local else dataset, "column": column}
         listing = sorted(Path(dataset).rglob("*")) if Path(dataset).is_dir() else [Path(dataset)]
         files = _file_listing(listing) if local else []
-    inputs = {**source, "files": files, "val_fraction": val_fraction, "seed": seed, "tokenizer": "gpt2"}
+    # a given tokenizer.json counts by its content, so that another file means other inputs
+    tokenizer_input = file_id(tokenizer_arg) if kind == "file" else tokenizer
+    inputs = {**source, "files": files, "val_fraction": val_fraction, "seed": seed}
+    inputs["tokenizer"] = tokenizer_input
 
     reused = _finished_with(out_dir, inputs)
     if reused is not None and not force:
-        return {**reused, "reused": True}
+        return {**reused, "reused": True, "tokenizer_seconds": None}
     if out_dir.exists() and not (out_dir / META).is_file() and any(out_dir.iterdir()):
         raise SmallmError(f"{out_dir} exists and is not a `smallm prepare` directory; choose another --out")
 
-    if text_files:  # blocks of raw text; workers split them into stories
-        encode, tasks = _encode_block, _text_file_tasks(text_files, val_fraction, seed)
-        total, unit = sum(p.stat().st_size + 1 for p in text_files), "B"
-    else:  # batches of rows
-        encode, (tasks, total), unit = (
-            _encode_texts,
-            _dataset_tasks(dataset, column, val_fraction, seed),
-            "doc",
-        )
+    def tasks():  # blocks of raw text (workers split them into stories), or batches of dataset rows
+        if text_files:
+            return _text_file_tasks(text_files, val_fraction, seed)
+        return _dataset_tasks(dataset, column, val_fraction, seed)[0]
 
-    meta = {
-        "tokenizer": "gpt2",
-        "vocab_size": VOCAB_SIZE,
-        "dtype": "uint16",
-        "eot_token": EOT_TOKEN,
-        "source": source,
-        "splits": {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS},
-        "inputs": inputs,
-    }
-    with atomic_directory(out_dir) as tmp, _worker_pool(workers) as pool:
-        bins = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
+    if text_files:
+        encode, total, unit = _encode_block, sum(p.stat().st_size + 1 for p in text_files), "B"
+    else:
+        encode, (_, total), unit = _encode_texts, _dataset_tasks(dataset, column, val_fraction, seed), "doc"
+
+    with atomic_directory(out_dir) as tmp:
+        enc, seconds = None, None  # None: GPT-2, in every worker process
+        if kind == "bpe":
+            t0 = time.perf_counter()
+            documents = _training_documents(tasks(), bool(text_files))
+            enc = train_bpe(documents, tokenizer_arg, tmp / TOKENIZER_FILE)
+            seconds = time.perf_counter() - t0
+        elif kind == "file":
+            shutil.copyfile(tokenizer_arg, tmp / TOKENIZER_FILE)
+            enc = BPETokenizer(tmp / TOKENIZER_FILE)
+        if enc is not None:
+            encode, workers = partial(encode, tokenizer=enc), 1  # the Rust tokenizer uses every core itself
+        meta = {
+            "tokenizer": "gpt2" if enc is None else TOKENIZER_FILE,
+            "vocab_size": (enc or get_tokenizer()).n_vocab,
+            "dtype": "uint16",
+            "eot_token": (enc or get_tokenizer()).eot_token,
+            "source": source,
+            "splits": {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS},
+            "inputs": inputs,
+        }
         bar = tqdm(total=total, unit=unit, unit_scale=True, desc=f"prepare {out_dir}", smoothing=0.1)
+        _encode_into(tmp, meta, encode, tasks(), workers, bar)
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return {**meta, "reused": False, "tokenizer_seconds": seconds}
+
+
+def _encode_into(tmp: Path, meta: dict, encode, tasks, workers: int, bar) -> None:
+    """Encode `tasks` into tmp/{train,validation}.bin in `workers` processes, counting into meta's splits."""
+    with _worker_pool(workers) as pool:
+        bins = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
         try:
             # imap keeps the order of the tasks; it reads ahead only as far as the pipes to the workers hold.
             for done, results in pool.imap(encode, tasks) if pool is not None else map(encode, tasks):
@@ -259,10 +300,8 @@ def prepare(
             bar.close()
             for f in bins.values():
                 f.close()
-        if meta["splits"]["train"]["tokens"] == 0:
-            raise SmallmError(f"no text found in {_describe(source)}: nothing to train on")
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    return {**meta, "reused": False}
+    if meta["splits"]["train"]["tokens"] == 0:
+        raise SmallmError(f"no text found in {_describe(meta['source'])}: nothing to train on")
 
 
 def _cpu_count() -> int:
@@ -431,8 +470,8 @@ def _init_worker():
     get_tokenizer()  # inherited through fork; built here where workers are spawned
 
 
-def _encode_block(task) -> tuple[int, dict]:
-    """Split a block of a text file into documents and encode them: (bytes done, {split: encoded})."""
+def _block_documents(task) -> tuple[int, list[str], np.ndarray | None]:
+    """A block of a text file split into its documents: (bytes, documents, is_val)."""
     path, block, last, is_val = task
     try:
         text = block.decode("utf-8")
@@ -441,22 +480,34 @@ def _encode_block(task) -> tuple[int, dict]:
     documents = SEPARATOR_STR.split(text)
     if not last:
         documents.pop()  # the empty text after the block's final separator
-    return len(block), _encode_by_split(documents, is_val)
+    return len(block), documents, is_val
 
 
-def _encode_texts(task) -> tuple[int, dict]:
-    """Encode a batch of dataset rows: (rows done, {split: encoded})."""
+def _row_documents(task) -> tuple[int, list[str], np.ndarray | None]:
+    """A batch of dataset rows, checked to be text: (rows, documents, is_val)."""
     texts, is_val = task
     for text in texts:
         if not isinstance(text, str):
             raise SmallmError(
                 f"a row holds {type(text).__name__}, not text; pick a text column with --column"
             )
-    return len(texts), _encode_by_split(texts, is_val)
+    return len(texts), texts, is_val
 
 
-def _encode_by_split(texts: list[str], is_val: np.ndarray | None) -> dict:
-    """{split: (uint16 ids, documents, UTF-8 bytes)}; is_val=None puts every text in train."""
+def _encode_block(task, tokenizer=None) -> tuple[int, dict]:
+    """Split a block of a text file into documents and encode them: (bytes done, {split: encoded})."""
+    done, documents, is_val = _block_documents(task)
+    return done, _encode_by_split(documents, is_val, tokenizer)
+
+
+def _encode_texts(task, tokenizer=None) -> tuple[int, dict]:
+    """Encode a batch of dataset rows: (rows done, {split: encoded})."""
+    done, documents, is_val = _row_documents(task)
+    return done, _encode_by_split(documents, is_val, tokenizer)
+
+
+def _by_split(texts: list[str], is_val: np.ndarray | None) -> dict[str, list[str]]:
+    """{split: stripped non-empty texts}; is_val=None puts every text in train."""
     by_split = {}
     for i, text in enumerate(texts):
         text = text.strip()
@@ -464,20 +515,38 @@ def _encode_by_split(texts: list[str], is_val: np.ndarray | None) -> dict:
             by_split.setdefault("validation" if is_val is not None and is_val[i] else "train", []).append(
                 text
             )
-    return {split: encode_documents(documents) for split, documents in by_split.items()}
+    return by_split
 
 
-def encode_documents(texts: list[str]) -> tuple[np.ndarray, int, int]:
-    """GPT-2 ids of `texts`, each followed by `<|endoftext|>`, as uint16; with the count and UTF-8 bytes.
+def _encode_by_split(texts: list[str], is_val: np.ndarray | None, tokenizer=None) -> dict:
+    """{split: (uint16 ids, documents, UTF-8 bytes)}; is_val=None puts every text in train."""
+    return {split: encode_documents(docs, tokenizer) for split, docs in _by_split(texts, is_val).items()}
 
-    Equal to concatenating `encode_ordinary(text) + [50256]`: tiktoken encodes the text between allowed
-    special tokens independently, so one call on the joined texts gives the same ids, only faster.
+
+def _training_documents(tasks, text_files: bool):
+    """Batches of the training split's documents, exactly as prepare will encode them (to train a BPE)."""
+    for task in tasks:
+        _, documents, is_val = _block_documents(task) if text_files else _row_documents(task)
+        batch = _by_split(documents, is_val).get("train")
+        if batch:
+            yield batch
+
+
+def encode_documents(texts: list[str], tokenizer=None) -> tuple[np.ndarray, int, int]:
+    """Ids of `texts`, each followed by `<|endoftext|>`, as uint16; with the count and UTF-8 bytes.
+
+    tokenizer None is GPT-2, where one tiktoken call on the joined texts gives the ids of concatenating
+    `encode_ordinary(text) + [50256]` (it encodes the text between allowed special tokens independently),
+    only faster. A `BPETokenizer` encodes the batch in parallel.
     """
-    enc = get_tokenizer()
+    enc = tokenizer or get_tokenizer()
     joined = EOT_TEXT.join(texts) + EOT_TEXT
     n_bytes = len(joined.encode("utf-8")) - len(texts) * len(EOT_TEXT.encode())
-    if any(EOT_TEXT in text for text in texts):  # the literal text must stay ordinary text
-        ids = np.fromiter((i for text in texts for i in [*enc.encode_ordinary(text), EOT_TOKEN]), np.uint32)
+    eot = enc.eot_token
+    if tokenizer is not None:
+        ids = np.array([i for doc in enc.encode_ordinary_batch(texts) for i in [*doc, eot]], np.int64)
+    elif any(EOT_TEXT in text for text in texts):  # the literal text must stay ordinary text
+        ids = np.fromiter((i for text in texts for i in [*enc.encode_ordinary(text), eot]), np.uint32)
     else:
         ids = enc.encode_to_numpy(joined, allowed_special={EOT_TEXT})
     return to_uint16(ids), len(texts), n_bytes

@@ -16,23 +16,29 @@ from tqdm import tqdm
 
 from smallm.data import open_split, read_meta
 from smallm.errors import SmallmError
+from smallm.tokenizer import check_same_tokenizer
 
 
-def evaluate(model, data_dir, split: str = "validation", batch_size: int = 8, progress: bool = False) -> dict:
+def evaluate(
+    model, data_dir, split: str = "validation", batch_size: int = 8, progress: bool = False, checkpoint=None
+) -> dict:
     """Mean cross-entropy over the whole split of a prepared directory.
 
     Returns {"val_loss": L (nats per token), "perplexity": exp(L),
     "bits_per_byte": L * tokens / (ln 2 * bytes), "tokens": tokens predicted}, bytes being the UTF-8 size
-    of the split's text as recorded in meta.json. progress=True shows a progress bar on stderr.
+    of the split's text as recorded in meta.json. progress=True shows a progress bar on stderr. Given the
+    model's checkpoint directory, data tokenized otherwise than the model was trained is refused.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SmallmError(f"batch_size must be a positive integer, got {batch_size!r}")
     meta = read_meta(data_dir)
     data = open_split(data_dir, split)  # (N,) uint16
-    if meta.get("tokenizer", "gpt2") != "gpt2" or meta.get("vocab_size", 0) > model.config.vocab_size:
+    if checkpoint is not None:
+        check_same_tokenizer(data_dir, checkpoint, f"evaluate {checkpoint}")
+    if meta.get("vocab_size", 0) > model.config.vocab_size:
         raise SmallmError(
-            f"{data_dir} was prepared with tokenizer {meta.get('tokenizer')!r} ({meta.get('vocab_size')} "
-            f"tokens), which this model ({model.config.vocab_size} tokens) cannot read"
+            f"{data_dir} was prepared with a {meta.get('vocab_size')}-token tokenizer, which this model "
+            f"({model.config.vocab_size} tokens) cannot read"
         )
     n_targets = len(data) - 1
     if n_targets < 1:

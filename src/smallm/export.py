@@ -3,7 +3,9 @@
 smallm's GPT is GPT-2 with exact (erf) GELU, so the export is a renaming plus one transpose: GPT-2 stores
 its projections as `Conv1D` with weights (in, out), where our `nn.Linear` holds (out, in). The tokenizer
 files are GPT-2's own (`encoder.json` is `vocab.json`, `vocab.bpe` is `merges.txt`), so
-`AutoTokenizer.from_pretrained(DIR)` gives exactly the ids that `smallm.get_tokenizer()` gives.
+`AutoTokenizer.from_pretrained(DIR)` gives exactly the ids that `smallm.get_tokenizer()` gives. A model
+trained on a BPE of its own (`smallm prepare --tokenizer bpe:N`) takes its `tokenizer.json` along, which
+transformers loads as a `PreTrainedTokenizerFast`.
 Nothing here needs `transformers` installed; only loading the result does.
 """
 
@@ -22,13 +24,13 @@ from smallm.checkpoint import WEIGHTS, atomic_directory, load_model, read_json, 
 from smallm.config import GPTConfig
 from smallm.errors import SmallmError
 from smallm.generate import resolve_checkpoint
-from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, bpe_files
+from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, TOKENIZER_FILE, bpe_files, get_tokenizer
 
 # Linear layers that GPT-2 stores as Conv1D, i.e. with the weight transposed.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def hf_config(config: GPTConfig) -> dict:
+def hf_config(config: GPTConfig, eot_token: int = EOT_TOKEN) -> dict:
     """The `config.json` of a GPT2LMHeadModel with the same shape as `config`."""
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -49,8 +51,8 @@ def hf_config(config: GPTConfig) -> dict:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "use_cache": True,
-        "bos_token_id": EOT_TOKEN,
-        "eos_token_id": EOT_TOKEN,
+        "bos_token_id": eot_token,
+        "eos_token_id": eot_token,
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }
@@ -93,9 +95,9 @@ def to_transformers(model):
     return hf.to(next(model.parameters()).device)
 
 
-def _tokenizer_config(block_size: int) -> dict:
+def _tokenizer_config(block_size: int, eot_token: int = EOT_TOKEN, tokenizer_class="GPT2Tokenizer") -> dict:
     return {
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": tokenizer_class,
         "model_max_length": block_size,
         "bos_token": EOT_TEXT,
         "eos_token": EOT_TEXT,
@@ -104,7 +106,7 @@ def _tokenizer_config(block_size: int) -> dict:
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {
-            str(EOT_TOKEN): {
+            str(eot_token): {
                 "content": EOT_TEXT,
                 "lstrip": False,
                 "normalized": True,
@@ -148,7 +150,7 @@ def _run_facts(checkpoint: Path) -> dict:
     return facts
 
 
-def model_card(model, checkpoint: Path, facts: dict) -> str:
+def model_card(model, checkpoint: Path, facts: dict, vocabulary: str = "GPT-2 BPE") -> str:
     """A short README.md for the exported directory."""
     c = model.config
     val = facts.get("val_loss")
@@ -169,7 +171,7 @@ tags: [gpt2, smallm, tinystories]
 A small GPT trained from scratch with smallm, exported as a Hugging Face GPT-2.
 
 - Shape: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, context {c.block_size} tokens,
-  vocabulary {c.vocab_size} (GPT-2 BPE); {model.num_params() / 1e6:.1f}M parameters (head tied to the
+  vocabulary {c.vocab_size} ({vocabulary}); {model.num_params() / 1e6:.1f}M parameters (head tied to the
   token embedding). Exact GELU, so `activation_function` is `"gelu"`.
 - Data: {data}
 - Validation loss: {loss_line}
@@ -194,8 +196,9 @@ Or back into smallm: `GPT.from_hf("path/to/this/dir")`. The model sees at most {
 def export_hf(checkpoint, out_dir, force: bool = False) -> Path:
     """Write the checkpoint at `checkpoint` (a run directory means its best/) to `out_dir` as GPT-2.
 
-    out_dir gets config.json, model.safetensors, generation_config.json, vocab.json, merges.txt,
-    tokenizer_config.json, special_tokens_map.json and README.md, all at once (atomic directory swap).
+    out_dir gets config.json, model.safetensors, generation_config.json, vocab.json and merges.txt (GPT-2)
+    or tokenizer.json (the checkpoint's own BPE), tokenizer_config.json, special_tokens_map.json and
+    README.md, all at once (atomic directory swap).
     An existing non-empty out_dir is replaced only with force=True, or if it is an earlier export.
     """
     checkpoint = resolve_checkpoint(checkpoint)
@@ -207,22 +210,30 @@ def export_hf(checkpoint, out_dir, force: bool = False) -> Path:
     if out_dir.resolve() in (checkpoint.resolve(), *checkpoint.resolve().parents):  # --force would delete it
         raise SmallmError(f"--out {out_dir} is or holds the checkpoint itself; choose another directory")
     model = load_model(checkpoint, "cpu")
-    vocab_bpe, encoder_json = bpe_files()
+    own = (checkpoint / TOKENIZER_FILE).is_file()  # a BPE trained for this model, else GPT-2's
+    eot = get_tokenizer(checkpoint).eot_token
     with atomic_directory(out_dir) as tmp:
         save_file(hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / "config.json", hf_config(model.config))
+        write_json(tmp / "config.json", hf_config(model.config, eot))
         write_json(
-            tmp / "generation_config.json",
-            {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "pad_token_id": EOT_TOKEN},
+            tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
         )
-        shutil.copyfile(encoder_json, tmp / "vocab.json")
-        shutil.copyfile(vocab_bpe, tmp / "merges.txt")
-        write_json(tmp / "tokenizer_config.json", _tokenizer_config(model.config.block_size))
+        if own:
+            shutil.copyfile(checkpoint / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        else:
+            vocab_bpe, encoder_json = bpe_files()
+            shutil.copyfile(encoder_json, tmp / "vocab.json")
+            shutil.copyfile(vocab_bpe, tmp / "merges.txt")
+        tokenizer_class = "PreTrainedTokenizerFast" if own else "GPT2Tokenizer"
+        write_json(
+            tmp / "tokenizer_config.json", _tokenizer_config(model.config.block_size, eot, tokenizer_class)
+        )
         write_json(
             tmp / "special_tokens_map.json",
             {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT},
         )
-        (tmp / "README.md").write_text(model_card(model, checkpoint, _run_facts(checkpoint)))
+        vocabulary = "a byte-level BPE trained on the data" if own else "GPT-2 BPE"
+        (tmp / "README.md").write_text(model_card(model, checkpoint, _run_facts(checkpoint), vocabulary))
     return out_dir
 
 
@@ -232,7 +243,7 @@ def _is_export(directory: Path) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     is_gpt2 = isinstance(config, dict) and config.get("model_type") == "gpt2"
-    return is_gpt2 and (directory / "merges.txt").exists()
+    return is_gpt2 and ((directory / "merges.txt").exists() or (directory / TOKENIZER_FILE).exists())
 
 
 # ---- the way back: a GPT-2-shaped Hugging Face checkpoint -> smallm GPT ---------------------------------
@@ -260,14 +271,10 @@ def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf(directory, device="cpu"):
-    """Read a GPT-2-shaped Hugging Face checkpoint (config.json + safetensors) into a smallm GPT."""
-    from smallm.model import GPT
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise SmallmError(f"no Hugging Face model directory at {directory}")
-    hf = read_json(directory / "config.json")
+def hf_gpt_config(directory) -> GPTConfig:
+    """The smallm shape of a GPT-2-shaped Hugging Face checkpoint, from its config.json, or a SmallmError
+    saying why it would compute something else."""
+    hf = read_json(Path(directory) / "config.json")
     if hf.get("model_type") != "gpt2":
         model_type = hf.get("model_type")
         raise SmallmError(f"{directory}/config.json has model_type {model_type!r}; only 'gpt2' fits")
@@ -288,7 +295,7 @@ def load_hf(directory, device="cpu"):
     for key, (value, allowed) in checks.items():
         if value not in allowed:
             raise SmallmError(f"{directory}/config.json has {key}={value!r}; smallm needs {allowed[-1]!r}")
-    config = GPTConfig(
+    return GPTConfig(
         vocab_size=hf.get("vocab_size", 50257),
         block_size=hf.get("n_positions", 1024),
         n_layer=hf.get("n_layer", 12),
@@ -297,6 +304,16 @@ def load_hf(directory, device="cpu"):
         dropout=float(hf.get("resid_pdrop", 0.0)),
         bias=True,
     )
+
+
+def load_hf(directory, device="cpu"):
+    """Read a GPT-2-shaped Hugging Face checkpoint (config.json + safetensors) into a smallm GPT."""
+    from smallm.model import GPT
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SmallmError(f"no Hugging Face model directory at {directory}")
+    config = hf_gpt_config(directory)
     state = {}
     for name, tensor in _read_hf_tensors(directory).items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):

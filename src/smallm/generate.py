@@ -68,9 +68,9 @@ def stream(
             return
 
 
-def encode_prompt(prompt: str) -> list[int]:
-    """GPT-2 ids of prompt; `<|endoftext|>` in the text is the special token."""
-    return get_tokenizer().encode(prompt, allowed_special={EOT_TEXT})
+def encode_prompt(prompt: str, tokenizer=None) -> list[int]:
+    """Ids of prompt (tokenizer None: GPT-2); `<|endoftext|>` in the text is the special token."""
+    return (tokenizer or get_tokenizer()).encode(prompt, allowed_special={EOT_TEXT})
 
 
 def generate_text(
@@ -84,6 +84,7 @@ def generate_text(
     num_samples: int = 1,
     stop_at_eot: bool = True,
     write=None,
+    tokenizer=None,
 ) -> list[str]:
     """Sample num_samples continuations of prompt, as one batch; returns each sample's text (prompt +
     continuation).
@@ -93,9 +94,11 @@ def generate_text(
     separator line between samples. The first unfinished sample is written as it is produced; the later
     ones are held until it ends. Sample i draws from its own generator seeded seed + i, so the same seed
     gives the same texts, and sample i alone is `seed + i`'s first sample. With stop_at_eot a sample ends
-    at <|endoftext|> (not shown); without, generation runs on and the marker appears as text.
+    at <|endoftext|> (not shown); without, generation runs on and the marker appears as text. tokenizer:
+    the model's (`get_tokenizer(checkpoint)`); None is GPT-2.
     """
-    prompt_ids = encode_prompt(prompt) or [EOT_TOKEN]
+    tokenizer = tokenizer or get_tokenizer()
+    prompt_ids = encode_prompt(prompt, tokenizer) or [tokenizer.eot_token]
     device = model.lm_head.weight.device
     generators = [torch.Generator(device=device) for _ in range(num_samples)]
     for i, generator in enumerate(generators):
@@ -104,7 +107,7 @@ def generate_text(
         else:
             generator.manual_seed(seed + i)
     write = write or (lambda text: None)
-    eos = EOT_TOKEN if stop_at_eot else None
+    eos = tokenizer.eot_token if stop_at_eot else None
     decoder = Decoder(model, num_samples)
     rows = [decoder.add(prompt_ids, temperature, top_k, top_p, g) for g in generators]
     pieces = [[prompt] for _ in rows]  # each sample's text so far
@@ -131,7 +134,6 @@ def generate_text(
         done[i] = True
 
     show()
-    enc = get_tokenizer()
     for _ in range(max_new_tokens):
         decoder.step()
         for i, row in enumerate(rows):
@@ -141,7 +143,7 @@ def generate_text(
                 decoder.remove(row)
                 end(i)
             else:
-                pieces[i].append(decoders[i].decode(enc.decode_single_token_bytes(row.tokens[-1])))
+                pieces[i].append(decoders[i].decode(tokenizer.decode_single_token_bytes(row.tokens[-1])))
         show()
         if all(done):
             break
@@ -152,11 +154,11 @@ def generate_text(
     return ["".join(p) for p in pieces]
 
 
-def detokenize(tokens: Iterable[int]) -> Iterator[str]:
+def detokenize(tokens: Iterable[int], tokenizer=None) -> Iterator[str]:
     """Yield the text of tokens as they come. A token can end inside a UTF-8 character (emoji, CJK are
     often split across tokens); those bytes are held back until the character is complete, so the pieces
-    never contain a broken character and join to exactly get_tokenizer().decode(tokens)."""
-    enc = get_tokenizer()
+    never contain a broken character and join to exactly tokenizer.decode(tokens) (None: GPT-2)."""
+    enc = tokenizer or get_tokenizer()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in tokens:
         piece = decoder.decode(enc.decode_single_token_bytes(token))

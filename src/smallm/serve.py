@@ -141,7 +141,7 @@ class _Job:
     def feed(self, token: int, tokenizer) -> bool:
         """Take the next token; True when the request is complete."""
         stops = self.req.stop or []
-        if token == EOT_TOKEN:
+        if token == tokenizer.eot_token:
             self.finish_reason = "stop"
             return self._finish()
         self.completion_tokens += 1
@@ -177,11 +177,11 @@ class Batcher:
     at once; submit() refuses the rest, so the server can answer 503 at once instead of queueing forever.
     """
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 32):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 32, tokenizer=None):
         if max_batch < 1 or max_queue < 0:
             raise SmallmError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch}, {max_queue}")
         self.model = model.eval()
-        self.tokenizer = get_tokenizer()
+        self.tokenizer = tokenizer or get_tokenizer()
         self.max_batch, self.max_queue = max_batch, max_queue
         self.decoder = Decoder(self.model, max_batch)
         self.waiting: collections.deque[_Job] = collections.deque()
@@ -276,8 +276,10 @@ def create_app(
     max_body_bytes: int = 64 * 1024,
     max_batch: int = 8,
     max_queue: int = 32,
+    tokenizer=None,
 ) -> FastAPI:
-    """The FastAPI app serving `model` (a smallm GPT). See the module docstring for the endpoints.
+    """The FastAPI app serving `model` (a smallm GPT) with its tokenizer (None: GPT-2). See the module
+    docstring for the endpoints.
 
     max_tokens above max_tokens_cap and bodies above max_body_bytes are refused (400 / 413). Up to
     max_batch requests are generated together; max_queue more wait; beyond that requests get 503 with
@@ -285,7 +287,7 @@ def create_app(
     """
     if max_tokens_cap < 1:
         raise SmallmError(f"--max-tokens-cap must be at least 1, got {max_tokens_cap}")
-    gen = Batcher(model, max_batch, max_queue)
+    gen = Batcher(model, max_batch, max_queue, tokenizer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -358,6 +360,8 @@ def create_app(
             if isinstance(req.prompt, list)
             else gen.tokenizer.encode(req.prompt, allowed_special="all")
         )
+        if isinstance(req.prompt, list) and any(t >= gen.tokenizer.n_vocab for t in req.prompt):
+            raise ApiError(400, f"token ids must be below {gen.tokenizer.n_vocab}", "prompt", "invalid_value")
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         base["model"] = model_name
         loop = asyncio.get_running_loop()
@@ -371,7 +375,8 @@ def create_app(
             if req.stream:
                 send(piece)
 
-        job = _Job(prompt or [EOT_TOKEN], req, on_text, lambda: send(DONE))  # empty prompt: a new story
+        prompt = prompt or [gen.tokenizer.eot_token]  # an empty prompt starts a new story
+        job = _Job(prompt, req, on_text, lambda: send(DONE))
         if not gen.submit(job):
             message = "server busy: the batch and the queue are full; retry shortly"
             raise ApiError(503, message, None, "server_busy", headers={"Retry-After": "1"})
@@ -441,7 +446,8 @@ def serve(
     model, directory = load_for_inference(checkpoint)
     directory = Path(directory).resolve()
     name = directory.parent.name if directory.name == "best" else directory.name
-    app = create_app(model, name or "smallm", max_tokens_cap, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(model, name or "smallm", max_tokens_cap, max_batch=max_batch, max_queue=max_queue,
+                     tokenizer=get_tokenizer(directory))  # fmt: skip
     sock = bind_socket(host, port)
     print(f"smallm serve: http://{host}:{sock.getsockname()[1]}/  (Ctrl-C to stop)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

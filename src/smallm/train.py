@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smallm.checkpoint import load_training_state, save_model, save_training_state, write_text
+from smallm.checkpoint import load_model, load_training_state, save_model, save_training_state, write_text
 from smallm.data import Batches, read_meta
 from smallm.errors import SmallmError
+from smallm.generate import resolve_checkpoint
 from smallm.model import GPT
+from smallm.tokenizer import TOKENIZER_FILE, check_same_tokenizer
 from smallm.train_config import (  # noqa: F401  (re-exported: smallm.train.TrainConfig etc.)
     FIELDS,
     PRESETS,
@@ -129,6 +131,16 @@ def plan_time(
     max_iters = step + max(1, steps)
     return dict(plan, max_iters=max_iters, warmup_iters=min(config.warmup_iters, max_iters // 10),
                 lr_decay_iters=max_iters)  # fmt: skip
+
+
+def init_weights(model, init_from) -> None:
+    """Load the weights of `init_from` (a run, a checkpoint or an export directory) into `model` (fine-tuning:
+    the optimizer starts fresh). A SmallmError when the shapes differ."""
+    source = resolve_checkpoint(init_from)
+    try:
+        model.load_state_dict(load_model(source, "cpu").state_dict())
+    except SmallmError as e:
+        raise SmallmError(f"--init-from {source}: {e}") from e
 
 
 def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
@@ -275,14 +287,14 @@ def train(
     device = pick_device(config.device, local_rank)
     dtype, dtype_reason = pick_dtype(config.dtype, device)
     meta = read_meta(data_dir)
-    if meta.get("tokenizer", "gpt2") != "gpt2":
-        raise SmallmError(
-            f"{data_dir} was tokenized with {meta['tokenizer']!r}; smallm trains on 'gpt2' data"
-        )
     new_run = out_dir is None
     out_dir = new_run_dir() if new_run else Path(out_dir)
     if resume and not (out_dir / "last" / "state.json").is_file():
         raise SmallmError(f"nothing to resume in {out_dir}: {out_dir}/last/state.json is missing")
+    if resume:
+        check_same_tokenizer(data_dir, out_dir / "last", f"resume {out_dir}")
+    elif config.init_from is not None:
+        check_same_tokenizer(data_dir, resolve_checkpoint(config.init_from), f"fine-tune {config.init_from}")
     if not resume and (out_dir / "config.yaml").exists():
         raise SmallmError(
             f"{out_dir} already holds a run; add --resume to continue it, or pick another --out"
@@ -310,6 +322,8 @@ def _train_loop(
     world_size = torch.distributed.get_world_size() if ddp else 1
     master = rank == 0  # only rank 0 logs and writes
     last_dir, best_dir = out_dir / "last", out_dir / "best"
+    tokenizer_file = Path(data_dir) / TOKENIZER_FILE  # a trained tokenizer goes into every checkpoint
+    tokenizer_file = tokenizer_file if tokenizer_file.is_file() else None
     metrics_path = out_dir / "metrics.jsonl"
     device_type = device.type
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ (no effect elsewhere)
@@ -323,6 +337,8 @@ def _train_loop(
     # ---- model and optimizer (same init on every rank; DDP also broadcasts it) ----------------------
     torch.manual_seed(config.seed)
     raw_model = GPT(config.model_config(meta.get("vocab_size", 50257))).to(device)
+    if config.init_from is not None and not resume:
+        init_weights(raw_model, config.init_from)
     optimizers = configure_optimizers(raw_model, config, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     step, tokens, elapsed_before, best_val_loss = 0, 0, 0.0, float("inf")
@@ -393,7 +409,7 @@ def _train_loop(
                 world_size=world_size,
                 plan=plan,
             )
-            save_training_state(last_dir, raw_model, optimizers, state, extra_config={"step": step})
+            save_training_state(last_dir, raw_model, optimizers, state, {"step": step}, tokenizer_file)
 
     def evaluate_and_checkpoint(step: int) -> dict:
         nonlocal best_val_loss, t_last, eval_seconds
@@ -412,7 +428,8 @@ def _train_loop(
         if val_loss < best_val_loss:
             best_val_loss = val_loss
             if master:
-                save_model(raw_model, best_dir, extra_config={"step": step, "val_loss": val_loss})
+                extra = {"step": step, "val_loss": val_loss}
+                save_model(raw_model, best_dir, extra_config=extra, tokenizer_file=tokenizer_file)
         save_last(step)
         if master:
             from smallm.plot import plot_losses

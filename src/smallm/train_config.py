@@ -72,6 +72,10 @@ class TrainConfig:
     )
     compile: bool = _field(False, "torch.compile the model")
     seed: int = _field(1337, "seed for initialization, data order and dropout")
+    # fine-tuning
+    init_from: str | None = _field(
+        None, "start from these weights: a run (its best/), a checkpoint or a `smallm export` directory"
+    )
 
     def __post_init__(self):
         if isinstance(self.tokens, str):
@@ -175,6 +179,21 @@ PRESETS = {
         eval_iters=5,
         log_interval=10,
     ),
+    # Fine-tuning (with --init-from, which sets the shape): a fresh AdamW at 1e-3 after a short warmup,
+    # cosine down to 1e-5, no dropout, 1,024-token steps. The learning rate is the best of three measured
+    # on TinyStories (bench/RESULTS.md, "Fine-tuning"); set max_iters to about one epoch of your text.
+    "finetune": dict(
+        dropout=0.0,
+        batch_size=8,
+        gradient_accumulation_steps=1,
+        max_iters=500,
+        learning_rate=1e-3,
+        min_lr=1e-5,
+        warmup_iters=10,
+        eval_interval=50,
+        eval_iters=20,
+        log_interval=10,
+    ),
 }
 
 
@@ -199,7 +218,7 @@ def _coerce(name: str, value):
         elif kind.startswith("float"):
             if not isinstance(value, bool):
                 return float(value)
-        elif kind == "str" and isinstance(value, str):
+        elif kind.startswith("str") and isinstance(value, str):
             return value
     except (TypeError, ValueError, OverflowError):
         pass
@@ -267,14 +286,37 @@ def plan_steps(config: TrainConfig, tokens: float, world_size: int = 1) -> dict:
 
 
 def build_config(preset: str = "seed", config_file=None, overrides: dict | None = None) -> TrainConfig:
-    """The resolved config: a preset, then a YAML file, then `overrides` (e.g. flags), each on top."""
+    """The resolved config: a preset, then a YAML file, then `overrides` (e.g. flags), each on top.
+
+    With `init_from` the model's shape is the checkpoint's (a preset's shape gives way; a shape in the file
+    or the flags that differs is refused) and init_from becomes the checkpoint directory it resolves to.
+    """
     if preset not in PRESETS:
         raise SmallmError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
-    if config_file is not None:
-        values.update(read_config_file(config_file))
-    values.update(overrides or {})
+    given = dict(read_config_file(config_file)) if config_file is not None else {}
+    given.update(overrides or {})
+    values.update(given)
+    if values.get("init_from") is not None:
+        values.update(_init_from_shape(str(values["init_from"]), given))
     return TrainConfig(**values)
+
+
+def _init_from_shape(init_from: str, given: dict) -> dict:
+    """{init_from: the checkpoint directory, and the shape fields of its model}, or a SmallmError when a
+    shape field in `given` differs from it."""
+    from smallm.checkpoint import read_model_config
+    from smallm.generate import resolve_checkpoint  # imports torch: only when fine-tuning
+
+    checkpoint = resolve_checkpoint(init_from).resolve()
+    model = read_model_config(checkpoint)
+    for name in SHAPE_FIELDS:
+        if name in given and _coerce(name, given[name]) != getattr(model, name):
+            raise SmallmError(
+                f"--{name.replace('_', '-')} {given[name]} differs from {getattr(model, name)} in "
+                f"{checkpoint}: with --init-from the model's shape is the checkpoint's; drop the flag"
+            )
+    return {"init_from": str(checkpoint), **{name: getattr(model, name) for name in SHAPE_FIELDS}}
 
 
 def read_config_file(path) -> dict:
