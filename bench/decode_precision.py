@@ -56,13 +56,16 @@ def decode_seconds(model, prompt, new_tokens: int) -> float:
 def speed(models: dict, new_tokens: int, runs: int, bandwidth: float) -> None:
     prompt = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(0))
     times = {name: [] for name in models}
-    for name, model in models.items():
+    for model in models.values():
         decode_seconds(model, prompt, new_tokens)  # warm-up
     for _ in range(runs):
         for name, model in models.items():  # alternate: load from other processes hits all alike
             times[name].append(decode_seconds(model, prompt, new_tokens))
     base = statistics.median(times["fp32"]) if "fp32" in times else None
-    print(f"{'dtype':<6}{'weights MB':>11}{'tokens/s':>10}{'ms/token':>10}{'vs fp32':>9}{'floor tok/s':>13}{'of floor':>10}")
+    print(
+        f"{'dtype':<6}{'weights MB':>11}{'tokens/s':>10}{'ms/token':>10}{'vs fp32':>9}"
+        f"{'floor tok/s':>13}{'of floor':>10}"
+    )
     for name, t in times.items():
         med = statistics.median(t)
         floor = bandwidth / weight_bytes(models[name])  # tokens/s if reading the weights were all
@@ -95,10 +98,14 @@ def agreement(models: dict, data_dir: str, windows: int, prompts: int, new_token
             diff = (a != b).nonzero()
             first_diff.append(int(diff[0]) if len(diff) else None)
     differ = [d for d in first_diff if d is not None]
+    where = (
+        f" (first differing token: median {statistics.median(differ):.0f}, min {min(differ)})"
+        if differ
+        else ""
+    )
     print(
         f"greedy {new_tokens} tokens from {prompts} 16-token validation prompts: {prompts - len(differ)} "
-        f"identical, {len(differ)} differ"
-        + (f" (first differing token: median {statistics.median(differ):.0f}, min {min(differ)})" if differ else "")
+        f"identical, {len(differ)} differ{where}"
     )
 
 

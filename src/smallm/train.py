@@ -160,7 +160,7 @@ def estimate_loss(model, readers: dict, eval_iters: int, autocast, rank: int = 0
     return losses
 
 
-# ---- devices, precision, processes ------------------------------------------------------------------------
+# ---- the run directory ------------------------------------------------------------------------------------
 
 
 def new_run_dir(runs: Path = Path("runs")) -> Path:
