@@ -143,10 +143,14 @@ def test_load_for_inference_casts_weights_and_auto_keeps_fp32(checkpoint):
         load_for_inference(checkpoint, "cpu", "int8")
 
 
-def test_generate_cli_takes_dtype(checkpoint, capsys, one_thread):
+def test_generate_eval_and_serve_take_dtype(checkpoint, capsys, one_thread):
     args = ["generate", str(checkpoint), "--prompt", "Once", "--max-new-tokens", "4", "--device", "cpu"]
     assert main([*args, "--temperature", "0", "--dtype", "bfloat16"]) == 0
     assert capsys.readouterr().out.startswith("Once")
     with pytest.raises(SystemExit):
         main([*args, "--dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+    for verb in ("eval", "serve"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "--dtype {auto,float32,bfloat16,float16}" in capsys.readouterr().out
