@@ -341,9 +341,7 @@ def add_serve(sub):
 def run_serve(args):
     from smallm.serve import serve
 
-    serve(
-        args.run_dir, args.host, args.port, args.max_tokens_cap, args.max_batch, args.max_queue, args.dtype
-    )
+    serve(args.run_dir, args.host, args.port, args.max_tokens_cap, args.max_batch, args.max_queue, args.dtype)
 
 
 VERBS = [add_prepare, add_train, add_generate, add_eval, add_export, add_serve]
