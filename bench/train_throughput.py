@@ -4,11 +4,12 @@ Each model trains in its own subprocess (so peak RSS is that model's alone) for 
 fetch from a uint16 memmap, forward, backward, clip 0.5, AdamW (lr 1e-4, betas 0.9/0.95, weight decay 0.1
 on matrices), zero_grad. We print the median tokens/s after warm-up, the ratio to the peer, peak memory
 (RSS on CPU, max_memory_allocated on CUDA) and the physical floor (6 x params x tokens FLOPs against the
-measured matmul rate of the row's dtype on CPU, the card's bf16 peak on CUDA, i.e. MFU).
+measured matmul rate of the row's dtype on CPU, the card's 16-bit peak on CUDA, i.e. MFU).
 
 Defaults a user would get: `ours` trains in the dtype `smallm train --dtype auto` resolves to (bf16 autocast
-on GPUs and on CPUs with AMX-BF16, else fp32) and `hf` in fp32, what GPT2LMHeadModel does unless told.
-`MODEL:fp32` / `MODEL:bf16` pin a dtype, for like-for-like rows; each row's ratio is against `hf` (fp32).
+on CPUs with AMX-BF16 or AVX512-BF16 and GPUs of compute capability >= 8.0, fp16 + GradScaler on older GPUs,
+else fp32) and `hf` in fp32, what GPT2LMHeadModel does unless told. `MODEL:fp32` / `MODEL:bf16` /
+`MODEL:fp16` pin a dtype, for like-for-like rows; each row's ratio is against `hf` (fp32).
 
     flock /tmp/smallm-bench.lock python bench/train_throughput.py              # CPU, seed shape, 32 x 128
     flock /tmp/smallm-bench.lock python bench/train_throughput.py --models ours,hf   # defaults only
@@ -30,28 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-# Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(); first match wins.
-GPU_BF16_PEAK = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM / NVL
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-    ("V100", 125e12),  # fp16; V100 has no bf16
-]
-
-
-def gpu_peak_flops(name: str) -> float | None:
-    for key, peak in GPU_BF16_PEAK:
-        if key in name:
-            return peak
-    return None
 
 
 def make_data(path: Path, tokens: int, vocab: int, seed: int = 0) -> None:
@@ -103,7 +82,8 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
     device = args.device
     cfg = GPTConfig(block_size=args.block_size, dropout=args.dropout)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]  # resolved by the parent
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]  # the parent's
+    scaler = torch.amp.GradScaler(device, enabled=args.dtype == "fp16")
     ours = args.model.startswith("ours")
     if args.model == "ours-lowmem" and device == "cpu":
         mmap_big_blocks()
@@ -164,9 +144,11 @@ def worker(args) -> None:
         x, y = get_batch(Path(args.data), step, args.batch_size, args.block_size, device)
         with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = loss_of(x, y)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -207,9 +189,10 @@ def resolve_dtype(spec: str, device: str) -> str:
     if dtype:
         return dtype
     if name.startswith("ours"):
-        from smallm.train import pick_dtype
+        from smallm.device import pick_device, pick_dtype
 
-        return {"float32": "fp32", "bfloat16": "bf16"}[pick_dtype("auto", torch.device(device))[0]]
+        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+        return short[pick_dtype("auto", pick_device(device))[0]]
     return "fp32"
 
 
@@ -261,7 +244,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help=argparse.SUPPRESS)  # workers
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=argparse.SUPPRESS)
     p.add_argument("--loss", default="chunked", choices=["chunked", "full"], help="ours: loss path")
     p.add_argument("--fused", default="fused", choices=["fused", "foreach", "loop"], help="ours: AdamW impl")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -270,7 +253,7 @@ def main():
         default="ours,hf,ours:fp32,hf:bf16",
         help="comma-separated, run in lockstep: ours (smallm train's defaults, dtype auto), hf (the peer, "
         "fp32), ours-lowmem (ours + glibc mmap threshold 1 MiB), ours-mmap32 (32 MiB), ours-full (full "
-        "logits, torch's default AdamW); a :fp32 or :bf16 suffix pins the autocast dtype",
+        "logits, torch's default AdamW); a :fp32, :bf16 or :fp16 suffix pins the autocast dtype",
     )
     workers = ["ours", "ours-lowmem", "ours-mmap32", "ours-full", "hf"]
     p.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
@@ -288,9 +271,11 @@ def main():
         results = run_lockstep(args, args.models.split(","), data)
 
     if args.device == "cuda":
+        from smallm.device import peak_flops_of
+
         name = torch.cuda.get_device_name()
-        peak = gpu_peak_flops(name)
-        rate_note = f"{name}, bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else f"{name}, peak unknown"
+        peak = peak_flops_of(name)
+        rate_note = f"{name}, 16-bit peak {peak / 1e12:.0f} TFLOP/s" if peak else f"{name}, peak unknown"
         mem_label = "peak CUDA mem"
         peak_bf16 = peak
     else:

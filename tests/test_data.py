@@ -111,6 +111,25 @@ def test_batches_are_deterministic_for_a_seed_and_step(tmp_path):
     assert not torch.equal(Batches(data, "train", 4, 16, seed=8).get(3)[0], x1)
 
 
+def test_batches_for_cuda_pin_contiguous_tensors(tmp_path, monkeypatch):
+    """Pinning a strided view makes the host-to-GPU copy go through a pageable temporary."""
+    data = write_prepared(tmp_path / "d")
+    pinned = []
+    to = torch.Tensor.to
+
+    def fake_pin(self):  # this machine may have no CUDA: record, don't pin
+        pinned.append(self.is_contiguous())
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(
+        torch.Tensor, "to", lambda self, device, **kw: self if device == "cuda" else to(self, device, **kw)
+    )
+    x, y = Batches(data, "train", batch_size=4, block_size=16, device="cuda").get(0)
+    assert pinned == [True, True]
+    assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (4, 16)
+
+
 def test_batches_windows_are_contiguous_slices_of_the_split(tmp_path):
     data = write_prepared(tmp_path / "d")
     tokens = np.asarray(open_split(data, "validation"))

@@ -19,9 +19,7 @@ from smallm.train import (
     TrainConfig,
     build_config,
     configure_optimizers,
-    cpu_has_amx_bf16,
     get_lr,
-    pick_dtype,
     resume_config,
     train,
 )
@@ -147,31 +145,6 @@ def test_weight_decay_applies_to_matrices_only(small_config):
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))  # tied head once
 
 
-def test_cpu_amx_bf16_is_read_from_the_cpu_flags(tmp_path):
-    (tmp_path / "amx").write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    (tmp_path / "plain").write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    assert cpu_has_amx_bf16(str(tmp_path / "amx"))
-    assert not cpu_has_amx_bf16(str(tmp_path / "plain"))
-    assert not cpu_has_amx_bf16(str(tmp_path / "missing"))  # macOS, Windows: no /proc/cpuinfo
-
-
-def test_auto_dtype_is_bf16_on_amx_cpus_and_bf16_gpus_and_an_explicit_dtype_wins(monkeypatch):
-    import smallm.train
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(smallm.train, "cpu_has_amx_bf16", lambda: True)
-    assert pick_dtype("auto", cpu) == ("bfloat16", "auto: the CPU has AMX-BF16")
-    assert pick_dtype("float32", cpu) == ("float32", "asked for")
-    monkeypatch.setattr(smallm.train, "cpu_has_amx_bf16", lambda: False)
-    assert pick_dtype("auto", cpu)[0] == "float32"
-    assert pick_dtype("bfloat16", cpu)[0] == "bfloat16"
-    assert pick_dtype("auto", torch.device("mps"))[0] == "float32"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert pick_dtype("auto", torch.device("cuda:0"))[0] == "bfloat16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert pick_dtype("auto", torch.device("cuda:0"))[0] == "float16"  # with a grad scaler
-
-
 # ---- runs ------------------------------------------------------------------------------------------------
 
 
@@ -193,6 +166,37 @@ def test_tiny_preset_learns_in_a_short_cpu_run(data_dir, tmp_path):
     assert evals[0]["step"] == 0 and evals[0]["val_loss"] > 10.0  # ~ln(50257) at initialization
     assert result["val_loss"] < evals[0]["val_loss"] - 2.5  # learned the template stories
     assert result["step"] == 20 and not result["interrupted"]
+
+
+def test_first_line_says_dtype_and_why_and_tf32_comes_back_after_training(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    import smallm.device
+
+    monkeypatch.setattr(smallm.device, "cpu_bf16_flag", lambda: "avx512_bf16")
+    config = build_config("seed", overrides={**SMALL, "dtype": "auto", "max_iters": 1, "eval_iters": 1})
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for before in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = before
+            train(config, data_dir, tmp_path / f"run-{before}", progress=False)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (
+                before,
+                before,
+            )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "on cpu, dtype bfloat16 (auto: the CPU has avx512_bf16)" in first
+
+
+def test_torchrun_on_mps_is_refused_before_any_process_waits(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SmallmError, match="torchrun on MPS is not supported"):
+        train(build_config("seed", overrides={**SMALL, "device": "mps"}), data_dir, tmp_path / "run")
 
 
 def test_run_directory_holds_config_metrics_plot_and_checkpoints(data_dir, full_run):

@@ -169,13 +169,13 @@ class Batches:
         windows = np.stack([data[s : s + self.block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
         del data
         windows = torch.from_numpy(windows)
-        x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T) each
         if torch.device(self.device).type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-            y = y.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x, y = x.contiguous().to(self.device), y.contiguous().to(self.device)
-        return x, y
+            # from page-locked memory the copy is asynchronous; pinning a strided view instead would send
+            # it through a pageable temporary
+            x, y = x.pin_memory(), y.pin_memory()
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
 
 
 # ---- writing -------------------------------------------------------------------------------------------

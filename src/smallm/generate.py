@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from smallm.checkpoint import CONFIG, load_model
+from smallm.device import inference_dtype, pick_device
 from smallm.errors import SmallmError
 from smallm.model import Decoder
 from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, get_tokenizer
@@ -35,12 +36,14 @@ def resolve_checkpoint(path) -> Path:
     )
 
 
-def load_for_inference(path, device=None):
-    """resolve_checkpoint + load_model, in eval mode, on `device` (default: cuda if available, else cpu).
-    Returns (model, checkpoint directory)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def load_for_inference(path, device=None, dtype="auto"):
+    """resolve_checkpoint + load_model, in eval mode, on `device` (default: cuda > mps > cpu), its weights
+    cast to `dtype` (see smallm.device.inference_dtype; "auto" keeps fp32). Returns (model, checkpoint
+    directory)."""
+    device = pick_device(device or "auto")
+    dtype = inference_dtype(dtype)
     directory = resolve_checkpoint(path)
-    return load_model(directory, device).eval(), directory
+    return load_model(directory, device).to(getattr(torch, dtype)).eval(), directory
 
 
 def stream(

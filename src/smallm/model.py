@@ -28,6 +28,16 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device type, or None when autocast is off. torch 2.4 has
+    no MPS autocast and raises when asked about it: off, there."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of x @ weight.T against targets, never holding all the logits at once.
 
@@ -45,9 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # needs_input_grad only says requires_grad, also under no_grad/inference_mode (evaluation), where
         # the two gradient matmuls would be wasted; grad mode is off in here, so the caller passes it.
         want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        dtype = x.dtype  # matmul dtype: the autocast dtype if autocast is on (bf16 on GPU), else x's
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = autocast_dtype(x.device.type) or x.dtype  # matmul dtype: autocast's if on, else x's
         low = dtype != torch.float32  # autocast: matmuls in bf16/fp16, into buffers reused per chunk
         # In bf16 the logits matmul is ~1.5x faster with V padded to a multiple of 64 (50257 -> 50304; no
         # gain in fp32): zero rows in the weight give zero logits there, which are never read.
@@ -291,7 +299,7 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, 4C)
         if torch.is_grad_enabled():
             y = _GeluLinear.apply(h, self.c_proj.weight, self.c_proj.bias)  # same values, less memory
-            autocast = torch.is_autocast_enabled(x.device.type)
+            autocast = autocast_dtype(x.device.type) is not None
             if self.training and self.dropout.p > 0 and x.device.type == "cpu" and not autocast:
                 return _BoolMaskDropout.apply(y, self.dropout.p)  # same mask and values as nn.Dropout
             return self.dropout(y)

@@ -435,15 +435,17 @@ def serve(
     max_tokens_cap: int = 512,
     max_batch: int = 8,
     max_queue: int = 32,
+    dtype: str = "auto",
 ) -> None:
-    """Load RUN/best (or a checkpoint directory) and serve it with uvicorn until interrupted."""
+    """Load RUN/best (or a checkpoint directory), weights in `dtype`, and serve it with uvicorn until
+    interrupted."""
     import uvicorn
 
     from smallm.generate import load_for_inference
 
     if not 0 <= port <= 65535:
         raise SmallmError(f"--port {port} is not a TCP port (0-65535)")
-    model, directory = load_for_inference(checkpoint)
+    model, directory = load_for_inference(checkpoint, dtype=dtype)
     directory = Path(directory).resolve()
     name = directory.parent.name if directory.name == "best" else directory.name
     app = create_app(model, name or "smallm", max_tokens_cap, max_batch=max_batch, max_queue=max_queue,

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from smallm.checkpoint import load_model, load_training_state, save_model, save_training_state, write_text
 from smallm.data import Batches, read_meta
+from smallm.device import peak_flops, pick_device, pick_dtype
 from smallm.errors import SmallmError
 from smallm.generate import resolve_checkpoint
 from smallm.model import GPT
@@ -171,63 +172,7 @@ def estimate_loss(model, readers: dict, eval_iters: int, autocast, rank: int = 0
     return losses
 
 
-# ---- devices, precision, processes ------------------------------------------------------------------------
-
-
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """cuda > mps > cpu for "auto"; under torchrun each rank takes the GPU of its local rank."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            requested = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            requested = "mps"
-        else:
-            requested = "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise SmallmError(f"device {requested!r} was asked for but CUDA is not available; use --device cpu")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise SmallmError("device 'mps' was asked for but MPS is not available; use --device cpu")
-    if requested == "cuda":
-        requested = f"cuda:{local_rank}"
-    return torch.device(requested)
-
-
-def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has AMX-BF16 tiles (Linux: `amx_bf16` in /proc/cpuinfo), where oneDNN runs bf16
-    matmuls ~2.5x faster than fp32 ones. torch.backends.cpu.get_cpu_capability() names only the vector ISA
-    (AVX512), so it cannot tell. False where the flags cannot be read (macOS, Windows)."""
-    try:
-        with open(cpuinfo) as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
-def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
-    """The autocast dtype and why: bf16 where the GPU has it, else fp16 (with a grad scaler); on CPU bf16
-    where it has AMX-BF16 (bf16 matmuls, fp32 weights and optimizer), else fp32; fp32 on MPS."""
-    if requested != "auto":
-        return requested, "asked for"
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bfloat16", "auto: the GPU supports bf16"
-        return "float16", "auto: the GPU lacks bf16; fp16 with a grad scaler"
-    if device.type == "cpu":
-        if cpu_has_amx_bf16():
-            return "bfloat16", "auto: the CPU has AMX-BF16"
-        return "float32", "auto: the CPU lacks AMX-BF16"
-    return "float32", f"auto: {device.type}"
-
-
-# Dense bf16 peak FLOP/s for MFU; GPUs not listed get no MFU figure.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+# ---- the run directory ------------------------------------------------------------------------------------
 
 
 def new_run_dir(runs: Path = Path("runs")) -> Path:
@@ -284,7 +229,14 @@ def train(
         )
 
     # ---- checks that read only (every rank, before any process waits on another) -----------------
-    device = pick_device(config.device, local_rank)
+    device = pick_device(config.device, local_rank, distributed=ddp)
+    if ddp and device.type == "mps":
+        raise SmallmError(
+            "torchrun on MPS is not supported (torch.distributed has no MPS backend); run `smallm train` "
+            "without torchrun, or pass --device cpu"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before anything asks "the current GPU" (e.g. the dtype choice)
     dtype, dtype_reason = pick_dtype(config.dtype, device)
     meta = read_meta(data_dir)
     new_run = out_dir is None
@@ -301,14 +253,16 @@ def train(
         )
 
     if ddp:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # TF32 matmuls on Ampere+ while training (no effect elsewhere); the caller's setting comes back after
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         return _train_loop(
             config, data_dir, out_dir, resume, progress, new_run, meta, device, dtype, dtype_reason, t_begin
         )
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if ddp:
             torch.distributed.destroy_process_group()
 
@@ -326,8 +280,6 @@ def _train_loop(
     tokenizer_file = tokenizer_file if tokenizer_file.is_file() else None
     metrics_path = out_dir / "metrics.jsonl"
     device_type = device.type
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ (no effect elsewhere)
-    torch.backends.cudnn.allow_tf32 = True
     autocast = (
         contextlib.nullcontext()
         if dtype == "float32"

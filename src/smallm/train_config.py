@@ -68,7 +68,8 @@ class TrainConfig:
     device: str = _field("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     dtype: str = _field(
         "auto",
-        "auto (GPU: bf16, else fp16; CPU: bf16 if it has AMX-BF16, else fp32), float32, bfloat16, float16",
+        "auto (CUDA: bf16 at compute capability >= 8.0 and on ROCm, else fp16; CPU: bf16 with AMX-BF16 or "
+        "AVX512-BF16, else fp32; MPS: fp32), float32, bfloat16, float16",
     )
     compile: bool = _field(False, "torch.compile the model")
     seed: int = _field(1337, "seed for initialization, data order and dropout")
