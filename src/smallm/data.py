@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from smallm.checkpoint import atomic_directory
+from smallm.checkpoint import atomic_directory, writing
 from smallm.errors import SmallmError
 from smallm.tokenizer import EOT_TEXT, EOT_TOKEN, VOCAB_SIZE, get_tokenizer
 
@@ -242,14 +242,19 @@ def prepare(
         "splits": {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS},
         "inputs": inputs,
     }
+    full_disk = f"{out_dir} is as it was; free some space or pick another --out, then prepare again"
     with atomic_directory(out_dir) as tmp, _worker_pool(workers) as pool:
-        bins = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
+        # unbuffered: a failed write raises at once with its reason (ENOSPC), and closing cannot fail
+        bins = {split: open(tmp / f"{split}.bin", "wb", buffering=0) for split in SPLITS}
         bar = tqdm(total=total, unit=unit, unit_scale=True, desc=f"prepare {out_dir}", smoothing=0.1)
         try:
             # imap keeps the order of the tasks; it reads ahead only as far as the pipes to the workers hold.
             for done, results in pool.imap(encode, tasks) if pool is not None else map(encode, tasks):
                 for split, (ids, documents, n_bytes) in results.items():
-                    ids.tofile(bins[split])
+                    with writing(out_dir, then=full_disk):  # atomic_directory removes the temporary one
+                        remaining = memoryview(ids).cast("B")
+                        while remaining:  # a raw write may write only part
+                            remaining = remaining[bins[split].write(remaining) :]
                     info = meta["splits"][split]
                     info["documents"] += documents
                     info["tokens"] += len(ids)
@@ -261,7 +266,8 @@ def prepare(
                 f.close()
         if meta["splits"]["train"]["tokens"] == 0:
             raise SmallmError(f"no text found in {_describe(source)}: nothing to train on")
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        with writing(out_dir, then=full_disk):
+            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return {**meta, "reused": False}
 
 
