@@ -624,6 +624,8 @@ def _train_loop(
                 save_last(step, evaluated)
         except WriteFailed as e:
             raise _write_failed(e, last_dir, out_dir, saved) from e
+        if ddp:  # the other ranks wait for rank 0's save: torchrun stops them all when one exits non-zero
+            torch.distributed.barrier()
         log(f"stopped on request during {dropped} (redone on resume); {last_dir} holds step {step}, "
             f"everything needed to continue:\n  smallm train --out {out_dir} --resume")  # fmt: skip
     except WriteFailed as e:
