@@ -302,9 +302,9 @@ def test_a_second_ctrl_c_during_the_save_quits_at_once_and_keeps_the_previous_la
         train(build_config("seed", overrides=SMALL), data_dir, run, progress=False)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
     assert not list(run.glob(".*"))  # the interrupted write left no temporary directory
-    model = GPT(build_config("seed", overrides=SMALL).model_config(50257))
-    optimizer = configure_optimizer(model, build_config("seed", overrides=SMALL), "cpu")
-    state = load_training_state(run / "last", model, optimizer)
+    config = build_config("seed", overrides=SMALL)
+    model = GPT(config.model_config(50257))
+    state = load_training_state(run / "last", model, configure_optimizers(model, config, "cpu"))
     assert (state["step"], state["evaluated"]) == (6, True)
 
 
