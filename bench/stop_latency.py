@@ -24,6 +24,7 @@ Peak RSS is the largest of the training processes'. Run it alone:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import signal
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 SMALLM = [sys.executable, "-m", "smallm"]
+print = functools.partial(print, flush=True)  # noqa: A001  (the figures survive the script being stopped)
 
 
 def rows(run: Path) -> list[dict]:
