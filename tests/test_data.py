@@ -369,3 +369,24 @@ def test_cli_prepares_then_says_it_reuses(tmp_path):
     assert_exact(tmp_path / "out", STORIES)
     second = smallm_prepare(tmp_path, "--text-files", "stories.txt", "--out", "out", "--val-fraction", "0.1")
     assert second.returncode == 0 and "reusing" in second.stdout
+
+
+def test_cli_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path):
+    """The bins outgrow what the filesystem allows (RLIMIT_FSIZE: a real failed write, EFBIG, as a full disk
+    gives ENOSPC): one line naming the output and the space left, and no temporary directory."""
+    import resource
+
+    write_tinystories(tmp_path / "stories.txt", STORIES * 20)  # ~20 KB of tokens
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, resource.RLIM_INFINITY))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "smallm", "prepare", "--text-files", "stories.txt", "--out", "out"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=small_files,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last_line.startswith("smallm prepare: error: cannot write out (File too large; ")
+    assert result.stderr.count("error") == 1 and "pick another --out" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stories.txt"]

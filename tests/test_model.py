@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from smallm import GPT, GPTConfig, SmallmError
+from smallm.errors import WriteFailed
 
 
 def test_default_config_is_the_seed():
@@ -142,7 +143,7 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, small_config, monk
         return real_replace(src, dst)
 
     monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteFailed, match=r"cannot write .*ckpt \(disk full; .* free there\)"):  # one line
         GPT(small_config).save_pretrained(tmp_path / "ckpt")
     monkeypatch.undo()
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before

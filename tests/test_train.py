@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from smallm.checkpoint import load_model
+from smallm.checkpoint import load_model, load_training_state
 from smallm.data import prepare
 from smallm.errors import SmallmError
 from smallm.model import GPT
@@ -269,3 +269,104 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     weights = load_file(str(run / "last" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert math.isfinite(json.loads((run / "best" / "config.json").read_text())["val_loss"])
+
+
+# ---- stopping when asked, failing cleanly -----------------------------------------------------------------
+
+
+def test_a_second_ctrl_c_during_the_save_quits_at_once_and_keeps_the_previous_last(
+    data_dir, tmp_path, monkeypatch
+):
+    """Ctrl-C in step 8 asks to stop; a second Ctrl-C arrives while last/ for step 7 is being written: the
+    write is dropped, and last/ still holds step 6 (the evaluation before), complete and loadable."""
+    import os
+    import signal
+
+    import smallm.checkpoint
+
+    forward, write_model = GPT.forward, smallm.checkpoint._write_model
+    micro_batches = {"n": 0}
+
+    def forward_then_ctrl_c(self, idx, targets=None, **kwargs):
+        if self.training:
+            micro_batches["n"] += 1
+            if micro_batches["n"] == 2 * 7 + 1:  # the first micro-batch of step 8
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, idx, targets, **kwargs)
+
+    def write_model_then_ctrl_c(directory, model, extra_config):
+        if extra_config == {"step": 7}:  # the stop's own save of last/
+            os.kill(os.getpid(), signal.SIGINT)
+        write_model(directory, model, extra_config)
+
+    monkeypatch.setattr(GPT, "forward", forward_then_ctrl_c)
+    monkeypatch.setattr(smallm.checkpoint, "_write_model", write_model_then_ctrl_c)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(build_config("seed", overrides=SMALL), data_dir, run, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert not list(run.glob(".*"))  # the interrupted write left no temporary directory
+    config = build_config("seed", overrides=SMALL)
+    model = GPT(config.model_config(50257))
+    state = load_training_state(run / "last", model, configure_optimizers(model, config, "cpu"))
+    assert (state["step"], state["evaluated"]) == (6, True)
+
+
+@pytest.mark.parametrize("failing", ["checkpoint", "plot"])
+def test_a_full_disk_is_one_line_keeps_the_checkpoints_and_resumes_exactly(
+    data_dir, tmp_path, monkeypatch, full_run, failing
+):
+    """Once last/ is written at step 6 the disk is full: the next checkpoint (step 12) or plot (step 6) write
+    raises ENOSPC. Training stops with one line, no temporary file is left, best/ and last/ (step 6) load, and
+    a resume once space is back ends exactly where the uninterrupted run did."""
+    import errno
+
+    import safetensors.torch
+    from matplotlib.figure import Figure
+
+    save_file, savefig = safetensors.torch.save_file, Figure.savefig
+    last_writes = {"n": 0}
+
+    def disk_full():
+        return last_writes["n"] >= 2 * 3  # last/ has been written at steps 0 and 6 (3 files each)
+
+    def save_file_until_full(tensors, filename, metadata=None):
+        if failing == "checkpoint" and disk_full():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_file(tensors, filename, metadata)
+        last_writes["n"] += ".last.tmp" in filename
+
+    def savefig_until_full(self, path, **kwargs):
+        if failing == "plot" and disk_full():
+            path.write_bytes(b"\x89PNG half")  # what a full disk leaves: part of the temporary file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        savefig(self, path, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file_until_full)
+    monkeypatch.setattr(Figure, "savefig", savefig_until_full)
+    run = tmp_path / "run"
+    with pytest.raises(SmallmError) as failure:
+        train(build_config("seed", overrides=SMALL), data_dir, run, progress=False)
+    message = str(failure.value)
+    written = run / ("loss.png" if failing == "plot" else "")
+    assert "\n" not in message and message.startswith(f"cannot write {written}")
+    assert "No space left on device" in message and "free there" in message
+    assert f"smallm train --out {run} --resume" in message
+    assert not list(run.glob(".*"))  # no temporary file or directory left
+    assert load_model(run / "best").config.n_embd == 32
+    assert "holds step 6" in message and json.loads((run / "last" / "state.json").read_text())["step"] == 6
+
+    monkeypatch.undo()  # space is back
+    config, _ = resume_config(run, {})
+    result = train(config, data_dir, run, resume=True, progress=False)
+    assert result["val_loss"] == pytest.approx(full_run[1]["val_loss"], rel=1e-6)
+    assert [r["step"] for r in read_rows(run)] == [r["step"] for r in read_rows(full_run[0])]
+
+
+def test_time_left_says_weeks_for_the_seed_recipe_on_a_slow_cpu():
+    from smallm.train import _time_left
+
+    seed = build_config("seed")  # 20,000 steps, evaluated every 500
+    line = _time_left(2, step_seconds=140.0, tokens_per_step=131_072, eval_seconds=600.0, config=seed)
+    assert line.startswith("speed: 936 tokens/s, 140 s/step; the 19,998 steps left and 40 evaluations")
+    assert "take about 4.7 weeks" in line  # (19,998 x 140 s + 40 x 600 s) / 7 days

@@ -12,7 +12,7 @@ import test_train
 import yaml
 
 from smallm.cli import main
-from smallm.train import build_config
+from smallm.train import build_config, train
 
 # The data and the uninterrupted reference run are session fixtures of test_train, made once per session.
 data_dir, full_run, SMALL = test_train.data_dir, test_train.full_run, test_train.SMALL
@@ -25,6 +25,27 @@ def rows(run):
 
 def smallm(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "smallm", *args], capture_output=True, text=True, **kwargs)
+
+
+def start_training(data_dir, run, flags):
+    command = [sys.executable, "-m", "smallm", "train", "--data", str(data_dir), "--out", str(run), *flags]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, ready, timeout=600):
+    """Poll until ready() (the run's files say which phase it is in) while the process is alive."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+
+
+def stop(proc, signum=signal.SIGTERM) -> tuple[float, str, str]:
+    """Send `signum`; return the seconds until the process exited, its stdout and stderr."""
+    sent = time.time()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return time.time() - sent, out, err
 
 
 def test_print_config_resolves_preset_file_and_both_flag_spellings(tmp_path, capsys):
@@ -65,19 +86,9 @@ def test_bad_inputs_are_one_line_and_exit_1(args, message, capsys, tmp_path, mon
 
 def test_ctrl_c_saves_last_and_resume_matches_uninterrupted(data_dir, tmp_path, full_run):
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smallm", "train", "--data", str(data_dir), "--out", str(run), *FLAGS],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # wait for the first training rows
-        if (run / "metrics.jsonl").is_file() and any("loss" in r for r in rows(run)):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    proc = start_training(data_dir, run, FLAGS)
+    wait_for(proc, lambda: (run / "metrics.jsonl").is_file() and any("loss" in r for r in rows(run)))
+    _, out, err = stop(proc, signal.SIGINT)  # after the first training rows
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"smallm train --out {run} --resume" in out
     stopped_at = json.loads((run / "last" / "state.json").read_text())["step"]
@@ -110,3 +121,55 @@ def test_torchrun_two_cpu_processes_match_one_process(data_dir, tmp_path, full_r
             if key in theirs:
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-4), (mine, theirs)
     assert mine["tokens"] == theirs["tokens"]  # the same global batch
+
+
+def test_sigterm_during_evaluation_stops_within_seconds_and_resume_redoes_the_evaluation(
+    data_dir, tmp_path, full_run
+):
+    """An evaluation of 10 million batches (hours) is under way at step 0: SIGTERM stops it at the next
+    batch, last/ holds step 0 marked unevaluated, and the resumed run (with the reference's 2 eval batches)
+    evaluates step 0 first and ends exactly where the uninterrupted run did."""
+    run = tmp_path / "run"
+    proc = start_training(data_dir, run, [*FLAGS, "--eval-iters=10000000"])
+    wait_for(proc, lambda: (run / "config.yaml").is_file())  # written just before the step-0 evaluation
+    time.sleep(1.0)  # well into it
+    seconds, out, err = stop(proc)
+    assert proc.returncode == 130, err
+    assert seconds < 60 and "evaluating" in err and "Traceback" not in err  # ~2 s on an idle CPU
+    assert "stopped on request during the evaluation at step 0" in out
+    assert f"smallm train --out {run} --resume" in out
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert (state["step"], state["evaluated"]) == (0, False)
+    assert not (run / "metrics.jsonl").exists()  # no evaluation row: it was not finished
+
+    resumed = smallm("train", "--out", str(run), "--resume", "--eval-iters", "2", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(run) == losses(full_run[0], approx=True)
+
+
+def losses(run, approx=False):
+    """Each metrics row's step and losses (timings differ between runs)."""
+    same = (lambda x: x if x is None else pytest.approx(x, rel=1e-6)) if approx else (lambda x: x)
+    return [(r["step"], *(same(r.get(k)) for k in ("loss", "val_loss", "train_loss"))) for r in rows(run)]
+
+
+# 100 micro-batches per step make a step long enough to be caught in the middle of from outside.
+LONG_STEPS = {**SMALL, "gradient_accumulation_steps": 100, "max_iters": 2, "warmup_iters": 1}
+
+
+def test_sigterm_during_gradient_accumulation_drops_the_step_and_resume_redoes_it(data_dir, tmp_path):
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    proc = start_training(data_dir, run, [f"--{k.replace('_', '-')}={v}" for k, v in LONG_STEPS.items()])
+    wait_for(proc, lambda: (run / "metrics.jsonl").is_file() and any(r.get("step") == 1 for r in rows(run)))
+    seconds, out, err = stop(proc)  # step 2 has just begun
+    assert proc.returncode == 130, err
+    assert seconds < 60 and "Traceback" not in err
+    assert "stopped on request during step 2 at micro-batch" in out and "speed: " in out  # the time-left line
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert (state["step"], state["evaluated"]) == (1, True)  # the step under way left no trace
+    assert [r["step"] for r in rows(run)] == [0, 1]
+
+    resumed = smallm("train", "--out", str(run), "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    train(build_config("seed", overrides=LONG_STEPS), data_dir, reference, progress=False)
+    assert losses(run) == losses(reference, approx=True)

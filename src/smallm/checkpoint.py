@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from smallm.config import GPTConfig
-from smallm.errors import SmallmError
+from smallm.errors import SmallmError, WriteFailed
 from smallm.tokenizer import TOKENIZER_FILE
 
 # torch (and safetensors.torch) are imported inside the functions that need them, so that `smallm prepare`,
@@ -51,12 +51,53 @@ def atomic_directory(directory):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text(path, text: str) -> None:
-    """Write text to path atomically (temp file, then rename): a reader never sees half a file."""
+@contextlib.contextmanager
+def writing(path, then: str = ""):
+    """Report a failed write under `path` (any OSError, or safetensors' error for one: a full disk, a quota,
+    a read-only filesystem) as WriteFailed: one line with the path, the space left there and `then`, what
+    to do. Wrap the writes only, not reads, so that a missing input is not reported as a full disk."""
+    try:
+        yield
+    except (OSError, SafetensorError, WriteFailed) as e:
+        cause = e.__cause__ if isinstance(e, WriteFailed) else e  # a file inside `path`: name `path`
+        reason = getattr(cause, "strerror", None) or str(cause)
+        then = f"; {then}" if then else ""
+        raise WriteFailed(f"cannot write {path} ({reason}; {free_space(path)} free there){then}") from cause
+
+
+def free_space(path) -> str:
+    """The space left on the filesystem holding `path` (or its nearest existing parent), e.g. "1.2 GB"."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} bytes"
+
+
+@contextlib.contextmanager
+def atomic_file(path, suffix: str = ""):
+    """Yield a temporary path next to `path` to write; on success it replaces `path`, so a reader never sees
+    half a file. A failed write raises WriteFailed, removes the temporary file and leaves `path` as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    with writing(path):
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text: str) -> None:
+    """Write text to path atomically (see atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path, obj) -> None:
@@ -77,7 +118,7 @@ def read_json(path) -> dict:
 def save_model(model, directory, extra_config: dict | None = None, tokenizer_file=None) -> None:
     """Write the model's weights (tied head stored once) and config into `directory`, atomically, with a
     copy of `tokenizer_file` (a trained tokenizer.json) if given; without one the model's is GPT-2's."""
-    with atomic_directory(directory) as tmp:
+    with writing(directory), atomic_directory(directory) as tmp:
         _write_model(tmp, model, extra_config, tokenizer_file)
 
 
@@ -174,7 +215,7 @@ def save_training_state(
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, state bytes)
-    with atomic_directory(directory) as tmp:
+    with writing(directory), atomic_directory(directory) as tmp:
         _write_model(tmp, model, extra_config, tokenizer_file)
         save_file(tensors, str(tmp / OPTIMIZER))
         save_file(rng, str(tmp / RNG))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from smallm.checkpoint import atomic_directory
+from smallm.checkpoint import atomic_directory, writing
 from smallm.errors import SmallmError
 from smallm.tokenizer import (
     EOT_TEXT,
@@ -255,6 +255,7 @@ def prepare(
     else:
         encode, (_, total), unit = _encode_texts, _dataset_tasks(dataset, column, val_fraction, seed), "doc"
 
+    full_disk = f"{out_dir} is as it was; free some space or pick another --out, then prepare again"
     with atomic_directory(out_dir) as tmp:
         enc, seconds = None, None  # None: GPT-2, in every worker process
         if kind == "bpe":
@@ -277,20 +278,26 @@ def prepare(
             "inputs": inputs,
         }
         bar = tqdm(total=total, unit=unit, unit_scale=True, desc=f"prepare {out_dir}", smoothing=0.1)
-        _encode_into(tmp, meta, encode, tasks(), workers, bar)
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        _encode_into(tmp, meta, encode, tasks(), workers, bar, out_dir, full_disk)
+        with writing(out_dir, then=full_disk):
+            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return {**meta, "reused": False, "tokenizer_seconds": seconds}
 
 
-def _encode_into(tmp: Path, meta: dict, encode, tasks, workers: int, bar) -> None:
-    """Encode `tasks` into tmp/{train,validation}.bin in `workers` processes, counting into meta's splits."""
+def _encode_into(tmp: Path, meta: dict, encode, tasks, workers: int, bar, out_dir, full_disk: str) -> None:
+    """Encode `tasks` into tmp/{train,validation}.bin in `workers` processes, counting into meta's splits.
+    A failed write is a WriteFailed naming out_dir (atomic_directory then removes tmp)."""
     with _worker_pool(workers) as pool:
-        bins = {split: open(tmp / f"{split}.bin", "wb") for split in SPLITS}
+        # unbuffered: a failed write raises at once with its reason (ENOSPC), and closing cannot fail
+        bins = {split: open(tmp / f"{split}.bin", "wb", buffering=0) for split in SPLITS}
         try:
             # imap keeps the order of the tasks; it reads ahead only as far as the pipes to the workers hold.
             for done, results in pool.imap(encode, tasks) if pool is not None else map(encode, tasks):
                 for split, (ids, documents, n_bytes) in results.items():
-                    ids.tofile(bins[split])
+                    with writing(out_dir, then=full_disk):  # atomic_directory removes the temporary one
+                        remaining = memoryview(ids).cast("B")
+                        while remaining:  # a raw write may write only part
+                            remaining = remaining[bins[split].write(remaining) :]
                     info = meta["splits"][split]
                     info["documents"] += documents
                     info["tokens"] += len(ids)

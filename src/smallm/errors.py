@@ -1,4 +1,4 @@
-"""The one exception smallm raises for problems a person can fix."""
+"""The exceptions smallm raises for problems a person can fix."""
 
 
 class SmallmError(Exception):
@@ -6,3 +6,8 @@ class SmallmError(Exception):
 
     The CLI prints it as one line and exits with a non-zero code; no traceback.
     """
+
+
+class WriteFailed(SmallmError):
+    """A file could not be written (disk full, quota, read-only, file too large); the message names the path
+    and the space left there. Whatever was being written has been removed; what was there before is kept."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from smallm.checkpoint import atomic_file
 
 
 def read_metrics(path) -> list[dict]:
@@ -25,7 +26,8 @@ def read_metrics(path) -> list[dict]:
 
 def plot_losses(metrics_path, png_path) -> None:
     """Draw train loss (every logged step) and the evaluations' train and validation loss against tokens,
-    and write the PNG atomically. Uses the Agg canvas directly: no display, no global pyplot state."""
+    and write the PNG atomically (WriteFailed if it cannot be written). Uses the Agg canvas directly: no
+    display, no global pyplot state."""
     rows = read_metrics(metrics_path)
     train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r and "tokens" in r]
     evals = [r for r in rows if "val_loss" in r and "tokens" in r]
@@ -48,7 +50,5 @@ def plot_losses(metrics_path, png_path) -> None:
         ax.legend()
     fig.tight_layout()
 
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, png_path)
+    with atomic_file(png_path, suffix=".png") as tmp:  # savefig picks the format from the suffix
+        fig.savefig(tmp)

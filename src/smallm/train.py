@@ -19,17 +19,24 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from smallm.checkpoint import load_model, load_training_state, save_model, save_training_state, write_text
+from smallm.checkpoint import (
+    load_model,
+    load_training_state,
+    save_model,
+    save_training_state,
+    write_text,
+    writing,
+)
 from smallm.data import Batches, read_meta
 from smallm.device import peak_flops, pick_device, pick_dtype
-from smallm.errors import SmallmError
+from smallm.errors import SmallmError, WriteFailed
 from smallm.generate import resolve_checkpoint
 from smallm.model import GPT
 from smallm.tokenizer import TOKENIZER_FILE, check_same_tokenizer
@@ -153,23 +160,92 @@ def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
 
 
 @torch.no_grad()
-def estimate_loss(model, readers: dict, eval_iters: int, autocast, rank: int = 0, world_size: int = 1):
+def estimate_loss(
+    model, readers: dict, eval_iters: int, autocast, rank=0, world_size=1, check_stop=None, progress=False
+):
     """Mean loss over batches 0..eval_iters-1 of each reader: the same batches at every call, whatever
-    the number of ranks (rank r evaluates batches r, r + world_size, ...)."""
+    the number of ranks (rank r evaluates batches r, r + world_size, ...). `check_stop` is called before
+    every batch and may raise to abandon the evaluation; `progress` shows a bar that goes when done."""
     model.eval()
+    rounds = range(0, eval_iters, world_size)  # every rank goes through as many rounds (and stop checks)
+    bar = tqdm(total=len(readers) * len(rounds), desc="evaluating", unit="batch", leave=False,
+               disable=not progress, dynamic_ncols=True, mininterval=1.0)  # fmt: skip
     losses = {}
-    for split, reader in readers.items():
-        total = torch.zeros((), device=reader.device)
-        for k in range(rank, eval_iters, world_size):
-            x, y = reader.get(k)
-            with autocast:
-                _, loss = model(x, y, return_logits=False)  # chunked: no (B*T, V) logits
-            total += loss.float()
-        if world_size > 1:
-            torch.distributed.all_reduce(total)
-        losses[split] = total.item() / eval_iters
-    model.train()
+    try:
+        for split, reader in readers.items():
+            total = torch.zeros((), device=reader.device)
+            for start in rounds:
+                if check_stop is not None:
+                    check_stop()
+                if start + rank < eval_iters:
+                    x, y = reader.get(start + rank)
+                    with autocast:
+                        _, loss = model(x, y, return_logits=False)  # chunked: no (B*T, V) logits
+                    total += loss.float()
+                bar.update(1)
+            if world_size > 1:
+                torch.distributed.all_reduce(total)
+            losses[split] = total.item() / eval_iters
+    finally:
+        bar.close()
+        model.train()
     return losses
+
+
+# ---- stopping when asked ---------------------------------------------------------------------------------
+
+
+class StopRequested(Exception):
+    """Raised by StopFlag.check at the first boundary after Ctrl-C or SIGTERM."""
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM as a flag that the loop reads at every micro-batch boundary and before every
+    evaluation batch (`check`), so a stop lands within one micro-batch. The handler only sets the flag: a
+    checkpoint being written completes. A second Ctrl-C raises KeyboardInterrupt at once (an atomic write
+    under way is dropped and the previous checkpoint kept).
+
+    Under DDP the ranks must stop at the same boundary, so `check` all-reduces the flag, on a gloo group of
+    its own (a CPU tensor: no GPU sync) and without waiting for it: the value acted on at one boundary was
+    sent at the boundary before, and has long arrived. A stop lands one micro-batch later; it costs a
+    4-byte message per micro-batch.
+    """
+
+    def __init__(self, ddp: bool):
+        self.signum = None
+        self.group = torch.distributed.new_group(backend="gloo") if ddp else None
+        self.sent = None  # (work, flag) of the all_reduce started at the previous boundary
+        self.handlers = {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread gets signals
+            self.handlers = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(self, signum, frame):  # only sets a flag: printing inside a signal handler is unsafe
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: quit now (last/ keeps its previous state)
+        self.signum = self.signum or signum
+
+    def check(self) -> None:
+        """Raise StopRequested if this process (under DDP: any rank) has been asked to stop."""
+        if self.group is None:
+            if self.signum is not None:
+                raise StopRequested
+            return
+        stop = False
+        if self.sent is not None:
+            work, flag = self.sent
+            work.wait()
+            stop = flag.item() > 0
+        flag = torch.tensor([float(self.signum is not None)])
+        self.sent = torch.distributed.all_reduce(flag, group=self.group, async_op=True), flag
+        if stop:
+            raise StopRequested
+
+    def close(self) -> None:
+        """Put the previous signal handlers back; let the last all_reduce (every rank started it) finish."""
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+        if self.sent is not None:
+            self.sent[0].wait()
 
 
 # ---- the run directory ------------------------------------------------------------------------------------
@@ -297,6 +373,7 @@ def _train_loop(
     # A budget's plan (steps, accumulation, warmup, decay) is fixed once and kept in last/ for resuming:
     # a token budget's right away, a time budget's once the first steps have measured the speed.
     plan = plan_steps(config, config.tokens, world_size) if config.tokens else None
+    evaluated = False  # whether the evaluation due at `step` is done (a new run starts with one)
     if resume:
         state = load_training_state(last_dir, raw_model, optimizers, device)
         plan = state.get("plan") or plan
@@ -306,6 +383,7 @@ def _train_loop(
                 f"{out_dir} trained on {state['data_tokens']:,}; pass the run's own --data"
             )
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        evaluated = state.get("evaluated", True)  # False: stopped during the evaluation at `step`
         best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -335,24 +413,20 @@ def _train_loop(
     peak = peak_flops(device)
 
     # ---- the run directory ---------------------------------------------------------------------------------
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if new_run:
-            point_latest(out_dir)
-        write_text(out_dir / "config.yaml", config_to_yaml(config, data_dir=str(data_dir)))  # resume reads it
-        if resume:
-            rewrite_metrics(metrics_path, step)
     log = (lambda msg: tqdm.write(msg)) if master else (lambda msg: None)
+    saved = (step, evaluated) if resume else None  # what last/ holds: (step, its evaluation done)
 
     def write_row(row: dict) -> None:
         if master:
-            with open(metrics_path, "a") as f:
+            with writing(metrics_path), open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def save_last(step: int) -> None:
+    def save_last(step: int, evaluated: bool) -> None:
+        nonlocal saved
         if master:
             state = dict(
                 step=step,
+                evaluated=evaluated,  # False: stopped during the evaluation at `step`; resume redoes it
                 tokens=tokens,
                 elapsed=elapsed_before + clock() - t_start,
                 best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
@@ -362,11 +436,13 @@ def _train_loop(
                 plan=plan,
             )
             save_training_state(last_dir, raw_model, optimizers, state, {"step": step}, tokenizer_file)
+        saved = (step, evaluated)
 
     def evaluate_and_checkpoint(step: int) -> dict:
         nonlocal best_val_loss, t_last, eval_seconds
         t_eval = clock()
-        losses = estimate_loss(model, eval_readers, config.eval_iters, autocast, rank, world_size)
+        losses = estimate_loss(model, eval_readers, config.eval_iters, autocast, rank, world_size,
+                               check_stop=stop.check, progress=master and progress)  # fmt: skip
         val_loss, train_loss = losses["validation"], losses["train"]
         elapsed = elapsed_before + clock() - t_start
         log(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
@@ -382,7 +458,7 @@ def _train_loop(
             if master:
                 extra = {"step": step, "val_loss": val_loss}
                 save_model(raw_model, best_dir, extra_config=extra, tokenizer_file=tokenizer_file)
-        save_last(step)
+        save_last(step, evaluated=True)
         if master:
             from smallm.plot import plot_losses
 
@@ -391,18 +467,8 @@ def _train_loop(
         eval_seconds = t_last - t_eval
         return losses
 
-    # ---- Ctrl-C / SIGTERM: finish the step, save last/, return -------------------------------------------
-    stop_signal = None
-
-    def request_stop(signum, frame):  # only sets a flag: printing inside a signal handler is unsafe
-        nonlocal stop_signal
-        if stop_signal == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: quit now (last/ keeps its previous state)
-        stop_signal = stop_signal or signum
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    def eval_due(step: int) -> bool:
+        return step % config.eval_interval == 0 or step == config.max_iters
 
     if master:
         n = raw_model.num_params()
@@ -414,25 +480,39 @@ def _train_loop(
                 f"{config.schedule} schedule, warmup {config.warmup_iters} steps")  # fmt: skip
         elif config.time and not plan:
             log(f"plan: {config.time:,.0f} s; the number of steps is fixed once the first steps are timed")
+    # Ctrl-C / SIGTERM: at the next micro-batch boundary drop the step under way, save last/, return
+    stop = StopFlag(ddp)
     bar = tqdm(total=config.max_iters, initial=step, disable=not (master and progress), unit="step",
                dynamic_ncols=True, mininterval=1.0)  # fmt: skip
     t_start = t_last = clock()
-    tokens_at_last_log = tokens
-    losses = {}
-    eval_seconds = 0.0  # the last evaluation + checkpoint, for a time budget's plan
+    tokens_at_last_log, steps_here, micro_step = tokens, 0, 0
+    losses, interrupted = {}, False
+    eval_seconds = 0.0  # the last evaluation + checkpoint, for a time budget's plan and the time-left line
     timed = dict(steps=0, micro=0.0, optimizer=0.0)  # after the first step: its warm-up is not typical
     try:
-        if step == 0:
-            losses = evaluate_and_checkpoint(0)
-        elif step >= config.max_iters:
+        if master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if new_run:
+                point_latest(out_dir)
+            # resume reads config.yaml
+            write_text(out_dir / "config.yaml", config_to_yaml(config, data_dir=str(data_dir)))
+            if resume:
+                rewrite_metrics(metrics_path, step)
+        if step >= config.max_iters and evaluated:
             log(f"{out_dir} already has {step} steps; pass --max-iters with more to train longer")
-        while step < config.max_iters:
+        while True:
+            if not evaluated:  # step 0, every eval_interval steps, the last step, or a stopped evaluation
+                losses = evaluate_and_checkpoint(step)
+                evaluated = True
+            if step >= config.max_iters:
+                break
             # ---- one optimizer step: accumulate gradients over `accum` micro-batches -------------------
             lr = set_lr(optimizers, step, config)
             t_step = clock()
             step_loss = torch.zeros((), device=device)
             x, y = batches.get(step, 0)
             for micro_step in range(accum):
+                stop.check()  # Ctrl-C / SIGTERM: the weights have not changed yet; drop this step
                 last_micro = micro_step == accum - 1
                 # Dropout masks depend only on (seed, step, micro-batch of the global batch): a resumed run
                 # and a run on any number of ranks draw the same masks as one uninterrupted process.
@@ -448,11 +528,9 @@ def _train_loop(
                         x, y = batches.get(step, micro_step + 1)  # read the next batch while the GPU works
                     scaler.scale(loss).backward()
                 step_loss += loss.detach().float()
-            # every rank learns the mean loss and whether any rank was asked to stop
-            status = torch.stack([step_loss, torch.tensor(float(stop_signal is not None), device=device)])
-            if ddp:
-                torch.distributed.all_reduce(status)
-            loss_value, stop = status[0].item() / world_size, status[1].item() > 0
+            if ddp:  # every rank learns the mean loss
+                torch.distributed.all_reduce(step_loss)
+            loss_value = step_loss.item() / world_size
             if not math.isfinite(loss_value):
                 raise SmallmError(_not_finite(f"training loss is {loss_value}", step, last_dir))
             t_optimizer = clock()
@@ -470,6 +548,7 @@ def _train_loop(
                 timed["optimizer"] += clock() - t_optimizer
             step += 1
             tokens += tokens_per_step
+            evaluated = not eval_due(step)
             bar.update(1)
 
             # ---- a time budget: once a few steps are timed, fix the plan for the rest of the run ----------
@@ -493,7 +572,13 @@ def _train_loop(
                 if master:
                     write_text(out_dir / "config.yaml", config_to_yaml(config, data_dir=str(data_dir)))
 
-            # ---- log, evaluate, checkpoint ----------------------------------------------------------
+            # ---- log (and once, early, how long the run will take) ------------------------------------
+            steps_here += 1
+            step_seconds = clock() - t_step
+            # the first step pays one-time costs (allocation, compilation); a slow one is mostly its own work
+            first = steps_here == 2 or (steps_here == 1 and step_seconds > 10 and not config.compile)
+            if first and not config.time:  # a time budget's plan line says when it ends
+                log(_time_left(step, step_seconds, tokens_per_step, eval_seconds, config))
             if step % config.log_interval == 0 or step == config.max_iters:
                 now = clock()
                 tokens_per_sec = (tokens - tokens_at_last_log) / max(now - t_last, 1e-9)
@@ -504,18 +589,26 @@ def _train_loop(
                 write_row(row)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
                 t_last, tokens_at_last_log = now, tokens
-            if step % config.eval_interval == 0 or step == config.max_iters:
-                losses = evaluate_and_checkpoint(step)
-            elif stop:
-                save_last(step)
-            if stop:
-                log(f"stopped at step {step} on request; {last_dir} holds everything needed to continue:\n"
-                    f"  smallm train --out {out_dir} --resume")  # fmt: skip
-                break
+    except StopRequested:
+        interrupted = True
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)  # the abandoned step's gradients
+        dropped = (f"the evaluation at step {step}" if not evaluated
+                   else f"step {step + 1} at micro-batch {micro_step + 1} of {accum}")  # fmt: skip
+        try:
+            if saved != (step, evaluated):  # else stopped in the step after a checkpoint: last/ has it
+                save_last(step, evaluated)
+        except WriteFailed as e:
+            raise _write_failed(e, last_dir, out_dir, saved) from e
+        if ddp:  # the other ranks wait for rank 0's save: torchrun stops them all when one exits non-zero
+            torch.distributed.barrier()
+        log(f"stopped on request during {dropped} (redone on resume); {last_dir} holds step {step}, "
+            f"everything needed to continue:\n  smallm train --out {out_dir} --resume")  # fmt: skip
+    except WriteFailed as e:
+        raise _write_failed(e, last_dir, out_dir, saved) from e
     finally:
         bar.close()
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+        stop.close()
 
     return dict(
         step=step,
@@ -524,7 +617,7 @@ def _train_loop(
         train_loss=losses.get("train"),
         best_val_loss=best_val_loss if math.isfinite(best_val_loss) else None,
         elapsed=elapsed_before + clock() - t_start,
-        interrupted=step < config.max_iters,
+        interrupted=interrupted,
         out_dir=str(out_dir),
     )
 
@@ -539,3 +632,39 @@ def _not_finite(what: str, step: int, last_dir: Path) -> str:
         f"{what} at step {step}: training stopped ({kept}); lower --learning-rate or try --dtype float32, "
         "then resume or start again"
     )
+
+
+def _write_failed(error: WriteFailed, last_dir: Path, out_dir: Path, saved) -> SmallmError:
+    """A failed write during training, as one line: what failed, where the run stands, how to go on."""
+    if saved is None:
+        return SmallmError(f"{error}; training stopped with nothing saved: free some space and start again")
+    return SmallmError(
+        f"{error}; training stopped, {last_dir} holds step {saved[0]}: free some space, then continue with "
+        f"`smallm train --out {out_dir} --resume`"
+    )
+
+
+def _time_left(step: int, step_seconds: float, tokens_per_step: int, eval_seconds, config) -> str:
+    """One line: the speed, and how long the rest of the run takes at it (evaluations included)."""
+    steps_left = config.max_iters - step
+    evals_left = config.max_iters // config.eval_interval - (step - 1) // config.eval_interval  # in step..max
+    evals_left += config.max_iters % config.eval_interval != 0  # the last step is evaluated too
+    seconds = steps_left * step_seconds
+    evals = ""
+    if eval_seconds and evals_left:
+        seconds += evals_left * eval_seconds
+        evals = f" and {evals_left:,} evaluations of {_duration(eval_seconds)}"
+    end = datetime.now() + timedelta(seconds=seconds)
+    return (
+        f"speed: {tokens_per_step / step_seconds:,.0f} tokens/s, {step_seconds:.3g} s/step; the "
+        f"{steps_left:,} steps left{evals} take about {_duration(seconds)}, until {end:%Y-%m-%d %H:%M} "
+        f"(fewer steps: --max-iters)"
+    )
+
+
+def _duration(seconds: float) -> str:
+    """45 s, 12 min, 3.4 h, 5.2 days, 3.1 weeks."""
+    for unit, size in (("weeks", 7 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}" if unit != "min" else f"{seconds / size:.0f} min"
+    return f"{seconds:.0f} s"
