@@ -294,10 +294,10 @@ def test_a_second_ctrl_c_during_the_save_quits_at_once_and_keeps_the_previous_la
                 os.kill(os.getpid(), signal.SIGINT)
         return forward(self, idx, targets, **kwargs)
 
-    def write_model_then_ctrl_c(directory, model, extra_config):
+    def write_model_then_ctrl_c(directory, model, extra_config, tokenizer_file=None):
         if extra_config == {"step": 7}:  # the stop's own save of last/
             os.kill(os.getpid(), signal.SIGINT)
-        write_model(directory, model, extra_config)
+        write_model(directory, model, extra_config, tokenizer_file)
 
     monkeypatch.setattr(GPT, "forward", forward_then_ctrl_c)
     monkeypatch.setattr(smallm.checkpoint, "_write_model", write_model_then_ctrl_c)
