@@ -472,9 +472,10 @@ def _train_loop(
 
     if master:
         n = raw_model.num_params()
+        last_step = "?" if config.time and not plan else config.max_iters  # a time budget decides soon
         log(f"{'resuming' if resume else 'training'} {n / 1e6:.1f}M parameters in {out_dir} on {device}, "
             f"dtype {dtype} ({dtype_reason}), {world_size} process{'es' if world_size > 1 else ''}, "
-            f"{tokens_per_step:,} tokens/step, steps {step}..{config.max_iters}")  # fmt: skip
+            f"{tokens_per_step:,} tokens/step, steps {step}..{last_step}")  # fmt: skip
         if config.tokens and not resume:
             log(f"plan: {config.tokens:,} tokens = {config.max_iters:,} steps of {tokens_per_step:,} tokens, "
                 f"{config.schedule} schedule, warmup {config.warmup_iters} steps")  # fmt: skip
