@@ -164,7 +164,8 @@ def test_sigterm_during_gradient_accumulation_drops_the_step_and_resume_redoes_i
     seconds, out, err = stop(proc)  # step 2 has just begun
     assert proc.returncode == 130, err
     assert seconds < 60 and "Traceback" not in err
-    assert "stopped on request during step 2 at micro-batch" in out and "speed: " in out  # the time-left line
+    # (no time-left line to expect: it comes after step 2, or after step 1 only when that took > 10 s)
+    assert "stopped on request during step 2 at micro-batch" in out
     state = json.loads((run / "last" / "state.json").read_text())
     assert (state["step"], state["evaluated"]) == (1, True)  # the step under way left no trace
     assert [r["step"] for r in rows(run)] == [0, 1]
