@@ -54,17 +54,21 @@ def combined_data(train_dir: Path, unseen_dir: Path, out: Path) -> Path:
     if (meta["tokenizer"], meta["vocab_size"]) != (unseen["tokenizer"], unseen["vocab_size"]):
         sys.exit("TRAIN and UNSEEN were prepared with different tokenizers")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(train_dir / "train.bin", out / "train.bin")
-    with open(out / "validation.bin", "wb") as f:
+    # temp file, then rename: a run of another bench process may be reading the old files through a memmap
+    shutil.copyfile(train_dir / "train.bin", out / "train.bin.tmp")
+    os.replace(out / "train.bin.tmp", out / "train.bin")
+    with open(out / "validation.bin.tmp", "wb") as f:
         for split in unseen["splits"]:
             f.write((unseen_dir / f"{split}.bin").read_bytes())
+    os.replace(out / "validation.bin.tmp", out / "validation.bin")
     parts = unseen["splits"].values()
     meta["splits"] = {
         "train": meta["splits"]["train"],
         "validation": {key: sum(p[key] for p in parts) for key in ("documents", "tokens", "bytes")},
     }
     meta["source"] = {"train": str(train_dir), "validation": f"all of {unseen_dir}"}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(out / "meta.json.tmp", out / "meta.json")
     return out
 
 
