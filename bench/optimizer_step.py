@@ -7,6 +7,7 @@ Newton-Schulz iterations on the 24 block matrices against a fused AdamW update),
 
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py              # batch 8 x 128, as `fast`
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --batch-size 32
+    flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-steps 5,3   # fewer NS iterations
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per optimizer (after 3 warm-up)")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--ns-steps", default="5", help="comma-separated Newton-Schulz counts")
     args = parser.parse_args()
 
     dtype, why = pick_dtype(args.dtype, torch.device("cpu"))
@@ -36,8 +38,11 @@ def main() -> None:
         torch.autocast("cpu", dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
     )
     runs = {}
-    for name in ("adamw", "muon"):
-        config = build_config("fast", overrides=dict(optimizer=name, batch_size=args.batch_size))
+    variants = {"adamw": dict(optimizer="adamw")}
+    for n in args.ns_steps.split(","):
+        variants["muon" if n == "5" else f"muon-ns{n}"] = dict(optimizer="muon", muon_ns_steps=int(n))
+    for name, overrides in variants.items():
+        config = build_config("fast", overrides=dict(overrides, batch_size=args.batch_size))
         torch.manual_seed(0)
         model = GPT(config.model_config())
         runs[name] = dict(model=model, optimizers=configure_optimizers(model, config, "cpu"), step=[], opt=[])
@@ -67,7 +72,7 @@ def main() -> None:
     base = statistics.median(runs["adamw"]["step"])
     for name, run in runs.items():
         step, opt = statistics.median(run["step"]), statistics.median(run["opt"])
-        print(f"{name:6} {step:7.3f} s/step  {tokens / step:7.0f} tokens/s  ratio {base / step:5.2f}  "
+        print(f"{name:9} {step:7.3f} s/step  {tokens / step:7.0f} tokens/s  ratio {base / step:5.2f}  "
               f"optimizer step {opt * 1000:6.1f} ms")  # fmt: skip
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (both models)")
 

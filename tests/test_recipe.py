@@ -8,6 +8,7 @@ import pytest
 import test_train
 import torch
 import yaml
+from safetensors.torch import load_file
 
 import smallm.train
 from smallm.cli import main
@@ -165,6 +166,14 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else_once(small_con
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
 
 
+def test_muon_settings_reach_torch_muon_and_bad_ones_are_refused(small_config):
+    config = TrainConfig(optimizer="muon", muon_momentum=0.9, muon_ns_steps=3)
+    _, muon = configure_optimizers(GPT(small_config), config, "cpu")
+    assert (muon.defaults["momentum"], muon.defaults["ns_steps"]) == (0.9, 3)
+    with pytest.raises(SmallmError, match="muon_ns_steps must be in 1..99"):
+        TrainConfig(muon_ns_steps=0)
+
+
 def test_adamw_alone_is_one_optimizer_with_every_parameter(small_config):
     model = GPT(small_config)
     (adamw,) = configure_optimizers(model, TrainConfig(), "cpu")
@@ -192,6 +201,21 @@ def test_muon_rate_follows_the_schedule_scaled_to_its_own_peak(small_config):
 
 
 # ---- the fast preset --------------------------------------------------------------------------------------
+
+
+def test_zero_proj_starts_every_block_as_the_identity_and_the_rest_as_before(data_dir, tmp_path):
+    # one step at a negligible rate: what is saved is the initialization, give or take 1e-9
+    overrides = {**FAST_SMALL, "max_iters": 1, "learning_rate": 1e-9, "muon_lr": 1e-9, "min_lr": 0}
+    runs = {}
+    for zero in (False, True):
+        config = build_config("fast", overrides={**overrides, "zero_proj": zero})
+        train(config, data_dir, tmp_path / str(zero), progress=False)
+        runs[zero] = load_file(str(tmp_path / str(zero) / "last" / "model.safetensors"))
+    projections = [k for k in runs[True] if k.endswith("c_proj.weight")]
+    assert len(projections) == 2 * FAST_SMALL["n_layer"]  # attention's and the MLP's, in every block
+    assert all(runs[True][k].abs().max() < 1e-6 and runs[False][k].abs().max() > 1e-3 for k in projections)
+    others = [k for k in runs[True] if k not in projections]
+    assert all(torch.allclose(runs[True][k], runs[False][k], atol=1e-6) for k in others)
 
 
 def test_fast_preset_is_the_seed_model_with_its_documented_recipe():
@@ -234,8 +258,6 @@ def test_resume_with_muon_and_wsd_matches_an_uninterrupted_run(data_dir, tmp_pat
     stopped = train(config, data_dir, tmp_path / "split", progress=False)
     assert stopped["interrupted"]
     monkeypatch.undo()
-    from safetensors.torch import load_file
-
     assert any(k.startswith("1:") and k.endswith("momentum_buffer")
                for k in load_file(str(tmp_path / "split" / "last" / "optimizer.safetensors")))  # fmt: skip
     resumed = train(config, data_dir, tmp_path / "split", resume=True, progress=False)

@@ -94,6 +94,7 @@ def configure_optimizers(model: torch.nn.Module, config: TrainConfig, device_typ
             lr=config.muon_lr,
             weight_decay=config.weight_decay,
             momentum=config.muon_momentum,
+            ns_steps=config.muon_ns_steps,
             adjust_lr_fn="match_rms_adamw",  # rates on AdamW's scale: 0.2 * sqrt(max(A, B)) per matrix
         )
         optimizers.append(muon)
@@ -367,6 +368,10 @@ def _train_loop(
     raw_model = GPT(config.model_config(meta.get("vocab_size", 50257))).to(device)
     if config.init_from is not None and not resume:
         init_weights(raw_model, config.init_from)
+    elif config.zero_proj and not resume:  # every block starts as the identity on the residual stream
+        for name, p in raw_model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.zeros_(p)
     optimizers = configure_optimizers(raw_model, config, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     step, tokens, elapsed_before, best_val_loss = 0, 0, 0.0, float("inf")

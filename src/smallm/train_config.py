@@ -45,10 +45,12 @@ class TrainConfig:
     min_steps: int = _field(
         0, "with a budget, double gradient accumulation while the run keeps at least this many steps"
     )
+    zero_proj: bool = _field(False, "start every block's output projections at zero (a new run only)")
     # optimizer: AdamW for everything, or Muon for the blocks' matrices and AdamW for the rest
     optimizer: str = _field("adamw", "adamw, or muon (torch.optim.Muon on the blocks' 2-D matrices)")
     muon_lr: float = _field(2e-3, "peak Muon learning rate (RMS-matched to AdamW's scale)")
     muon_momentum: float = _field(0.95, "Muon momentum (Nesterov)")
+    muon_ns_steps: int = _field(5, "Muon's Newton-Schulz iterations per step (fewer: cheaper, rougher)")
     learning_rate: float = _field(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)")
     beta1: float = _field(0.9, "AdamW beta1")
@@ -107,6 +109,8 @@ class TrainConfig:
             raise SmallmError(f"muon_lr must be positive, got {self.muon_lr}")
         if not 0 <= self.muon_momentum < 1:
             raise SmallmError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 1 <= self.muon_ns_steps <= 99:
+            raise SmallmError(f"muon_ns_steps must be in 1..99, got {self.muon_ns_steps}")
         for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "min_steps"):
             if getattr(self, name) < 0:
                 raise SmallmError(f"{name} must not be negative, got {getattr(self, name)}")
