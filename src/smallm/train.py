@@ -368,10 +368,6 @@ def _train_loop(
     raw_model = GPT(config.model_config(meta.get("vocab_size", 50257))).to(device)
     if config.init_from is not None and not resume:
         init_weights(raw_model, config.init_from)
-    elif config.zero_proj and not resume:  # every block starts as the identity on the residual stream
-        for name, p in raw_model.named_parameters():
-            if name.endswith("c_proj.weight"):
-                torch.nn.init.zeros_(p)
     optimizers = configure_optimizers(raw_model, config, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     step, tokens, elapsed_before, best_val_loss = 0, 0, 0.0, float("inf")
