@@ -19,6 +19,7 @@ from smallm.train import (
     build_config,
     configure_optimizers,
     get_lr,
+    plan_due,
     plan_steps,
     plan_time,
     train,
@@ -100,13 +101,23 @@ def test_min_steps_grows_the_batch_with_the_budget_but_never_below_min_steps():
 def test_a_time_budget_plans_the_steps_that_fit_from_measured_speed():
     config = TrainConfig(batch_size=8, block_size=128, gradient_accumulation_steps=1, eval_interval=50,
                          warmup_iters=20, max_iters=10**6)  # fmt: skip
-    timed = dict(steps=4, micro=4 * 0.5, optimizer=4 * 0.1)  # 0.5 s per micro-batch, 0.1 s per update
+    # 0.5 s per micro-batch, 0.1 s per update, the medians of steps with a slow start
+    timed = dict(micro=[0.9, 0.7, 0.5, 0.5, 0.5], optimizer=[0.3, 0.1, 0.1, 0.1, 0.2])
     plan = plan_time(config, seconds_left=310.0, timed=timed, eval_seconds=5.0, step=5)
     # (310 - 5 for the final evaluation) / (0.6 s per step + 5 s every 50 steps) = 435.7: 435 steps after 5
     assert plan == dict(max_iters=440, gradient_accumulation_steps=1, warmup_iters=20, lr_decay_iters=440)
     grown = plan_time(TrainConfig(**{**config.to_dict(), "min_steps": 100}), 310.0, timed, 5.0, 5)
     assert grown["gradient_accumulation_steps"] == 4  # 610 micro-batches fit: 4 per step keeps >= 100 steps
     assert grown["max_iters"] - 5 == int(305 / (4 * 0.5 + 0.1 + 5 / 50))
+
+
+def test_a_time_budget_times_ten_steps_before_planning_unless_they_take_a_twentieth_of_it():
+    timed = lambda n: dict(micro=[1.0] * n, optimizer=[0.1] * n)  # noqa: E731
+    assert not plan_due(timed(2), spent=500.0, budget=600.0)  # never on fewer than three
+    assert not plan_due(timed(3), spent=20.0, budget=900.0)  # 20 s of 900: time more
+    assert plan_due(timed(3), spent=45.0, budget=900.0)  # a twentieth gone: plan now
+    assert not plan_due(timed(9), spent=30.0, budget=900.0)
+    assert plan_due(timed(10), spent=30.0, budget=900.0)
 
 
 class FakeClock:
@@ -137,6 +148,7 @@ def test_time_budget_plan_is_fixed_once_and_survives_resume(data_dir, tmp_path, 
     monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.25, interrupt_at=120))
     stopped = train(config, data_dir, tmp_path / "split", progress=False)
     assert stopped["interrupted"] and 4 < stopped["step"] < plan["max_iters"]
+    assert json.loads((tmp_path / "split" / "last" / "state.json").read_text())["plan"] == plan
     monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=5.0))  # a far slower machine now ...
     resumed_config, _ = smallm.train.resume_config(tmp_path / "split")
     resumed = train(resumed_config, data_dir, tmp_path / "split", resume=True, progress=False)

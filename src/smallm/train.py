@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import threading
 import time
 from datetime import datetime, timedelta
@@ -121,18 +122,31 @@ def set_lr(optimizers: list, step: int, config: TrainConfig) -> float:
     return lr
 
 
+PLAN_STEPS = (3, 10)  # a time budget's plan: at least 3 timed steps, 10 unless they take 5% of the budget
+
+
+def plan_due(timed: dict, spent: float, budget: float) -> bool:
+    """Whether enough steps are timed to fix a time budget's plan: the first steps after the first evaluation
+    run up to ~25% slower than the rest here (three alone once planned a run that ended 13% early), so time
+    ten, or at least three when ten would use more than a twentieth of the budget."""
+    steps = len(timed["micro"])
+    return steps >= PLAN_STEPS[1] or (steps >= PLAN_STEPS[0] and spent >= budget / 20)
+
+
 def plan_time(
     config: TrainConfig, seconds_left: float, timed: dict, eval_seconds: float, step: int, world_size: int = 1
 ) -> dict:
     """A time budget's plan, fixed once after the first steps: as many steps as fit in `seconds_left`.
 
-    timed: the steps timed so far, with their seconds in micro-batches ("micro") and in the optimizer
-    ("optimizer"); eval_seconds: one evaluation with its checkpoint, counted every eval_interval steps
-    and once at the end. Gradient accumulation grows as plan_steps says for the tokens that fit.
+    timed: the seconds of each step timed so far, in its micro-batches ("micro") and in the optimizer
+    ("optimizer"); the median of each is the rate, so a few slow steps (a CPU warming up, a neighbour's
+    burst) do not shorten the whole run. eval_seconds: one evaluation with its checkpoint, counted every
+    eval_interval steps and once at the end. Gradient accumulation grows as plan_steps says for the tokens
+    that fit.
     """
     micro_per_step = config.gradient_accumulation_steps // world_size  # per rank
-    micro_seconds = timed["micro"] / (timed["steps"] * micro_per_step)
-    optimizer_seconds = timed["optimizer"] / timed["steps"]
+    micro_seconds = statistics.median(timed["micro"]) / micro_per_step
+    optimizer_seconds = statistics.median(timed["optimizer"])
     micro_tokens = config.batch_size * config.block_size * world_size  # all ranks at once
     plan = plan_steps(config, seconds_left / micro_seconds * micro_tokens, world_size)
     step_seconds = plan["gradient_accumulation_steps"] // world_size * micro_seconds + optimizer_seconds
@@ -490,7 +504,7 @@ def _train_loop(
     tokens_at_last_log, steps_here, micro_step = tokens, 0, 0
     losses, interrupted = {}, False
     eval_seconds = 0.0  # the last evaluation + checkpoint, for a time budget's plan and the time-left line
-    timed = dict(steps=0, micro=0.0, optimizer=0.0)  # after the first step: its warm-up is not typical
+    timed = dict(micro=[], optimizer=[])  # after the first step: its warm-up is not typical
     try:
         if master:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -545,22 +559,25 @@ def _train_loop(
                 optimizer.zero_grad(set_to_none=True)
             scaler.update()
             if step > 0 or resume:  # the next steps are timed for a time budget's plan
-                timed["steps"] += 1
-                timed["micro"] += t_optimizer - t_step
-                timed["optimizer"] += clock() - t_optimizer
+                timed["micro"].append(t_optimizer - t_step)
+                timed["optimizer"].append(clock() - t_optimizer)
             step += 1
             tokens += tokens_per_step
             evaluated = not eval_due(step)
             bar.update(1)
 
             # ---- a time budget: once a few steps are timed, fix the plan for the rest of the run ----------
-            if config.time and not plan and timed["steps"] >= 3:
+            fixed = None
+            if config.time and not plan:
                 spent = elapsed_before + clock() - t_begin
-                plan = plan_time(config, config.time - spent, timed, eval_seconds, step, world_size)
-                if ddp:  # every rank follows rank 0's plan
-                    shared = [plan]
+                if plan_due(timed, spent, config.time):
+                    fixed = plan_time(config, config.time - spent, timed, eval_seconds, step, world_size)
+                if ddp:  # every rank follows rank 0's decision and plan
+                    shared = [fixed]
                     torch.distributed.broadcast_object_list(shared, src=0)
-                    plan = shared[0]
+                    fixed = shared[0]
+            if fixed:
+                plan = fixed
                 config = dataclasses.replace(config, **plan)
                 accum = config.gradient_accumulation_steps // world_size  # the plan may have raised it
                 tokens_per_step = config.batch_size * config.block_size * accum * world_size
