@@ -123,6 +123,24 @@ def test_torchrun_two_cpu_processes_match_one_process(data_dir, tmp_path, full_r
     assert mine["tokens"] == theirs["tokens"]  # the same global batch
 
 
+def test_torchrun_with_a_time_budget_follows_one_plan_on_both_ranks(data_dir, tmp_path):
+    """Rank 0 decides when the plan is fixed and what it is: ranks that timed their steps differently would
+    otherwise wait for each other forever or stop at different steps."""
+    run = tmp_path / "run"
+    flags = [f for f in FLAGS if not f.startswith(("--max-iters", "--eval-interval"))]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "smallm", "train", "--data", str(data_dir), "--out", str(run), *flags, "--time=8s"]
+    command += ["--eval-interval=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = [line for line in result.stdout.splitlines() if " steps of " in line and "plan:" in line]
+    assert len(planned) == 1  # rank 0 speaks, once
+    plan = json.loads((run / "last" / "state.json").read_text())["plan"]
+    assert rows(run)[-1]["step"] == plan["max_iters"] > 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_iters"] == plan["max_iters"]
+
+
 def test_sigterm_during_evaluation_stops_within_seconds_and_resume_redoes_the_evaluation(
     data_dir, tmp_path, full_run
 ):
