@@ -558,7 +558,7 @@ def _train_loop(
                 scaler.step(optimizer)
                 optimizer.zero_grad(set_to_none=True)
             scaler.update()
-            if step > 0 or resume:  # the next steps are timed for a time budget's plan
+            if config.time and not plan and (step > 0 or resume):  # timed for a time budget's plan
                 timed["micro"].append(t_optimizer - t_step)
                 timed["optimizer"].append(clock() - t_optimizer)
             step += 1
