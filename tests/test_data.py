@@ -165,6 +165,51 @@ def test_two_ranks_see_the_same_windows_as_one_rank_with_two_micro_steps(tmp_pat
         assert torch.equal(single.get(step, 1)[0], rank1.get(step)[0])
 
 
+def test_epoch_sampling_sees_every_window_once_per_epoch(tmp_path):
+    """sampling="epoch": an epoch's steps take every window block_size apart exactly once, shuffled; the
+    next epoch cuts at another offset in another order. Random windows leave a third of the text unseen."""
+    data = write_prepared(tmp_path / "d", train_tokens=5000)
+    batches = Batches(data, "train", batch_size=4, block_size=16, seed=3, sampling="epoch")
+    per_epoch = (5000 - 16) // 16  # 311 windows
+    starts = np.concatenate([batches.starts(step) for step in range(2 * per_epoch // 4 + 1)])
+    first, second = starts[:per_epoch], starts[per_epoch : 2 * per_epoch]
+    for epoch in (first, second):
+        assert len(set(epoch.tolist())) == per_epoch  # no window twice
+        assert len(set((epoch % 16).tolist())) == 1  # one cut per epoch
+        assert epoch.min() >= 0 and epoch.max() + 16 + 1 <= 5000  # every window fits
+        covered = np.zeros(5000, bool)
+        for start in epoch:
+            covered[start : start + 17] = True
+        assert covered.sum() >= 5000 - 2 * 16
+    assert not np.array_equal(np.sort(first), first)  # shuffled
+    assert not np.array_equal(np.sort(first), np.sort(second))  # cut at another offset (seed 3: 11, then 6)
+    x, y = batches.get(5)  # the windows are the text itself, as with random sampling
+    np.testing.assert_array_equal(x[:, 0].numpy(), batches.starts(5) % 50257)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+    randomly = Batches(data, "train", batch_size=4, block_size=16, seed=3)
+    covered = np.zeros(5000, bool)
+    for start in np.concatenate([randomly.starts(step) for step in range(per_epoch // 4)]):
+        covered[start : start + 17] = True
+    assert covered.mean() < 0.8  # ~1 - 1/e of it
+
+
+def test_epoch_sampling_carries_on_when_the_batch_grows(tmp_path):
+    """A time budget's plan may raise gradient accumulation mid-run: counted from `origin`, the windows go
+    on where the smaller steps stopped, and ranks still split one global batch."""
+    data = write_prepared(tmp_path / "d", train_tokens=20000)
+    small = Batches(data, "train", batch_size=4, block_size=16, sampling="epoch")
+    grown = Batches(
+        data, "train", batch_size=4, block_size=16, accum_steps=2, sampling="epoch", origin=(10, 40)
+    )
+    np.testing.assert_array_equal(grown.starts(10), np.concatenate([small.starts(10), small.starts(11)]))
+    np.testing.assert_array_equal(grown.starts(12), np.concatenate([small.starts(14), small.starts(15)]))
+    rank1 = Batches(data, "train", 4, 16, rank=1, world_size=2, sampling="epoch", origin=(10, 40))
+    assert torch.equal(rank1.get(12)[0], grown.get(12, 1)[0])
+    with pytest.raises(SmallmError, match="sampling must be random or epoch"):
+        Batches(data, "train", 4, 16, sampling="sequential")
+
+
 def test_truncated_bin_is_detected_by_the_reader(tmp_path):
     data = write_prepared(tmp_path / "d")
     with open(data / "train.bin", "r+b") as f:

@@ -16,7 +16,7 @@ import re
 import shutil
 import signal
 import time
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +108,19 @@ def open_split(data_dir, split: str) -> np.memmap:
 
 
 class Batches:
-    """Random windows of `block_size + 1` tokens from one split, identical for any number of DDP ranks.
+    """Windows of `block_size + 1` tokens from one split, identical for any number of DDP ranks.
 
-    For optimizer step `step` the GLOBAL batch of batch_size * accum_steps * world_size window starts is
-    drawn from `np.random.default_rng([seed, step])`; rank r at micro-step m takes rows
-    [(r * accum_steps + m) * batch_size, +batch_size). Ranks therefore see disjoint rows, a DDP run sees
-    the same windows per step as one process with the same global batch, and resuming needs only `step`.
+    For optimizer step `step` the GLOBAL batch of batch_size * accum_steps * world_size window starts is a
+    function of (seed, step) alone; rank r at micro-step m takes rows [(r * accum_steps + m) * batch_size,
+    +batch_size). Ranks therefore see disjoint rows, a DDP run sees the same windows per step as one
+    process with the same global batch, and resuming needs only `step`.
+
+    sampling "random" (nanoGPT's) draws every start anywhere, with replacement: one epoch's worth of windows
+    leaves ~37% of the text unseen (e^-1) and shows some twice. "epoch" cuts the split into windows
+    block_size apart (from an offset drawn per epoch) and takes them in a shuffled order, so an epoch sees
+    every token once (the last < 2 * block_size tokens of each epoch's cut aside). Its windows are counted
+    from `origin` = (step, windows taken before it), so that the batch size may change during a run (a time
+    budget's plan may raise it) without skipping or repeating windows.
     """
 
     def __init__(
@@ -127,7 +134,11 @@ class Batches:
         world_size=1,
         accum_steps=1,
         device="cpu",
+        sampling="random",
+        origin=(0, 0),
     ):
+        if sampling not in ("random", "epoch"):
+            raise SmallmError(f"sampling must be random or epoch, got {sampling!r}")
         if batch_size < 1 or block_size < 1 or accum_steps < 1 or world_size < 1:
             raise SmallmError("batch_size, block_size, accum_steps and world_size must be positive")
         if not 0 <= rank < world_size:
@@ -141,6 +152,8 @@ class Batches:
         self.world_size = world_size
         self.accum_steps = accum_steps
         self.device = device
+        self.sampling = sampling
+        self.origin = origin
         data = open_split(self.data_dir, split)
         self.num_tokens = len(data)
         if self.num_tokens < block_size + 1:
@@ -153,8 +166,26 @@ class Batches:
     def starts(self, step: int) -> np.ndarray:
         """All window starts of the global batch of optimizer step `step`: (world_size*accum*B,)."""
         global_rows = self.batch_size * self.accum_steps * self.world_size
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, self.num_tokens - self.block_size, size=global_rows)
+        if self.sampling == "random":
+            rng = np.random.default_rng([self.seed, step])
+            return rng.integers(0, self.num_tokens - self.block_size, size=global_rows)
+        per_epoch = max(1, (self.num_tokens - self.block_size) // self.block_size)
+        first = self.origin[1] + (step - self.origin[0]) * global_rows
+        rows = np.arange(first, first + global_rows)
+        epochs, index = np.divmod(rows, per_epoch)
+        starts = np.empty(global_rows, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            offset, order = self._epoch(int(epoch), per_epoch)
+            starts[epochs == epoch] = offset + order[index[epochs == epoch]] * self.block_size
+        return starts
+
+    @lru_cache(maxsize=2)  # noqa: B019 (a handful of Batches per process, each alive for a whole run)
+    def _epoch(self, epoch: int, per_epoch: int) -> tuple[int, np.ndarray]:
+        """This epoch's offset (< block_size, so that every window k * block_size + offset fits) and order
+        of windows; the 3 keeps its random stream apart from "random"'s."""
+        rng = np.random.default_rng([self.seed, epoch, 3])
+        room = self.num_tokens - self.block_size - 1 - (per_epoch - 1) * self.block_size
+        return int(rng.integers(0, min(self.block_size, room + 1))), rng.permutation(per_epoch)
 
     def get(self, step: int, micro_step: int = 0):
         """(x, y) int64 tensors of shape (batch_size, block_size) on the device; y is x shifted by one."""

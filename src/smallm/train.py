@@ -414,7 +414,8 @@ def _train_loop(
     # ---- data: batches are a function of (seed, step), so the data position is just `step` ------------
     def train_batches(accum: int) -> Batches:
         return Batches(data_dir, "train", config.batch_size, config.block_size, seed=config.seed,
-                       rank=rank, world_size=world_size, accum_steps=accum, device=device)  # fmt: skip
+                       rank=rank, world_size=world_size, accum_steps=accum, device=device,
+                       sampling=config.sampling, origin=(step, tokens // config.block_size))  # fmt: skip
 
     batches = train_batches(accum)
     eval_readers = {  # fixed batches (another seed than training's), comparable across evaluations

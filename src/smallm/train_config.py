@@ -39,6 +39,11 @@ class TrainConfig:
     batch_size: int = _field(32, "sequences per micro-batch")
     gradient_accumulation_steps: int = _field(32, "micro-batches per optimizer step (all ranks together)")
     max_iters: int = _field(20_000, "optimizer steps to train for")
+    sampling: str = _field(
+        "random",
+        "random (nanoGPT's: windows from anywhere, with replacement), or epoch (every window once per epoch, "
+        "shuffled)",
+    )
     # budgets: either sets max_iters (and the schedule with it); the plan is fixed once and kept on resume
     tokens: int | None = _field(None, "token budget, e.g. 380k, 82M, 1.5B: the run's length in tokens")
     time: float | None = _field(None, "time budget, e.g. 90s, 20m, 2h: steps fitted to the measured speed")
@@ -100,6 +105,8 @@ class TrainConfig:
                 raise SmallmError(f"{name} must be positive, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "muon"):
             raise SmallmError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.sampling not in ("random", "epoch"):
+            raise SmallmError(f"sampling must be random or epoch, got {self.sampling!r}")
         if self.schedule not in ("cosine", "wsd"):
             raise SmallmError(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if not 0 < self.decay_frac <= 1:
