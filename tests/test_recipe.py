@@ -124,19 +124,25 @@ class FakeClock:
     """A wall clock that advances a fixed amount each time it is read: a time budget's plan then depends
     only on the code path, never on the machine's speed."""
 
-    def __init__(self, tick: float, interrupt_at: int | None = None):
+    def __init__(self, tick: float, interrupt_at: int | None = None, slower: tuple = (None, 1.0)):
         self.now, self.tick, self.reads, self.interrupt_at = 1_000_000.0, tick, 0, interrupt_at
+        self.slower = slower  # (from this read on, tick times this)
 
     def __call__(self) -> float:
         self.reads += 1
         if self.reads == self.interrupt_at:
             signal.raise_signal(signal.SIGINT)  # as a Ctrl-C would: finish the step, save, stop
+        if self.reads == self.slower[0]:
+            self.tick *= self.slower[1]
         self.now += self.tick
         return self.now
 
 
 def test_time_budget_plan_is_fixed_once_and_survives_resume(data_dir, tmp_path, monkeypatch):
     config = build_config("fast", overrides={**FAST_SMALL, "time": "60s", "eval_interval": 5})
+    # The fake clock's steps take longer than the timed part of them, which a run would follow (next test):
+    # here the plan must stay as made for the resumed run to be comparable.
+    monkeypatch.setattr(smallm.train, "REPLAN_TOLERANCE", float("inf"))
     monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.25))
     whole = train(config, data_dir, tmp_path / "whole", progress=False)
     plan = json.loads((tmp_path / "whole" / "last" / "state.json").read_text())["plan"]
@@ -156,6 +162,27 @@ def test_time_budget_plan_is_fixed_once_and_survives_resume(data_dir, tmp_path, 
     assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-4)
     losses = lambda run: [(r["step"], round(r["loss"], 4)) for r in read_rows(run) if "loss" in r]  # noqa: E731
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+def test_a_time_budget_follows_a_machine_that_slows_down_and_ends_on_time(data_dir, tmp_path, monkeypatch):
+    config = build_config("fast", overrides={**FAST_SMALL, "time": "60s", "eval_interval": 5})
+    monkeypatch.setattr(smallm.train, "REPLAN_TOLERANCE", float("inf"))  # first: a plan made once
+    monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.05, slower=(400, 2.0)))
+    fixed = train(config, data_dir, tmp_path / "fixed", progress=False)
+    planned = json.loads((tmp_path / "fixed" / "last" / "state.json").read_text())["plan"]["max_iters"]
+    assert fixed["step"] == planned and fixed["elapsed"] > 60 * 1.2  # half the speed after read 400: late
+
+    monkeypatch.setattr(smallm.train, "REPLAN_TOLERANCE", 0.02)
+    monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.05, slower=(400, 2.0)))
+    followed = train(config, data_dir, tmp_path / "followed", progress=False)
+    plan = json.loads((tmp_path / "followed" / "last" / "state.json").read_text())["plan"]
+    assert followed["step"] == plan["max_iters"] == plan["lr_decay_iters"] < planned  # redrawn, saved
+    assert followed["elapsed"] == pytest.approx(60, rel=0.05)  # and on time
+    assert (
+        yaml.safe_load((tmp_path / "followed" / "config.yaml").read_text())["max_iters"] == plan["max_iters"]
+    )
+    lrs = [r["lr"] for r in read_rows(tmp_path / "followed") if "lr" in r]
+    assert lrs[-1] == pytest.approx(config.min_lr, rel=0.01)  # the cosine still ends with the run
 
 
 # ---- optimizers and schedules -----------------------------------------------------------------------------

@@ -156,6 +156,25 @@ def plan_time(
                 lr_decay_iters=max_iters)  # fmt: skip
 
 
+REPLAN_TOLERANCE = 0.02  # of the budget: a time budget's plan is redrawn when it would miss by more
+
+
+def replan_time(config: TrainConfig, spent: float, step: int, step_seconds: float, eval_seconds: float):
+    """A time budget's plan kept on time: {max_iters, lr_decay_iters} for the steps that now fit, or None
+    while the plan's end, at the speed of the latest steps (`step_seconds`, evaluations left out), stays
+    within REPLAN_TOLERANCE of the budget. A machine's speed can drift after the plan is made (a VM's moved
+    by a quarter within 15 minutes here), which a plan fixed once cannot follow. The cosine stretches or
+    shrinks with the run; the learning rate moves a little where it does."""
+    evals_left = (config.max_iters - 1) // config.eval_interval - (step - 1) // config.eval_interval + 1
+    projected = spent + (config.max_iters - step) * step_seconds + evals_left * eval_seconds
+    if abs(projected - config.time) <= REPLAN_TOLERANCE * config.time:
+        return None
+    left = config.time - spent - eval_seconds  # the final evaluation and save
+    steps = int(left / (step_seconds + eval_seconds / config.eval_interval))
+    max_iters = step + max(1, steps)
+    return None if max_iters == config.max_iters else dict(max_iters=max_iters, lr_decay_iters=max_iters)
+
+
 def init_weights(model, init_from) -> None:
     """Load the weights of `init_from` (a run, a checkpoint or an export directory) into `model` (fine-tuning:
     the optimizer starts fresh). A SmallmError when the shapes differ."""
@@ -455,7 +474,7 @@ def _train_loop(
         saved = (step, evaluated)
 
     def evaluate_and_checkpoint(step: int) -> dict:
-        nonlocal best_val_loss, t_last, eval_seconds
+        nonlocal best_val_loss, t_last, eval_seconds, eval_total
         t_eval = clock()
         losses = estimate_loss(model, eval_readers, config.eval_iters, autocast, rank, world_size,
                                check_stop=stop.check, progress=master and progress)  # fmt: skip
@@ -481,6 +500,7 @@ def _train_loop(
             plot_losses(metrics_path, out_dir / "loss.png")
         t_last = clock()  # tokens/s leaves evaluation time out
         eval_seconds = t_last - t_eval
+        eval_total += eval_seconds
         return losses
 
     def eval_due(step: int) -> bool:
@@ -505,6 +525,10 @@ def _train_loop(
     tokens_at_last_log, steps_here, micro_step = tokens, 0, 0
     losses, interrupted = {}, False
     eval_seconds = 0.0  # the last evaluation + checkpoint, for a time budget's plan and the time-left line
+    eval_total = 0.0  # all of them in this process
+    # A time budget's plan made in this process is checked every twentieth of the run (from `window`: step,
+    # clock, eval_total) and redrawn when it drifts off time; a resumed run keeps the plan it was saved with.
+    own_plan, window, check_at = False, None, None
     timed = dict(micro=[], optimizer=[])  # after the first step: its warm-up is not typical
     try:
         if master:
@@ -567,28 +591,44 @@ def _train_loop(
             evaluated = not eval_due(step)
             bar.update(1)
 
-            # ---- a time budget: once a few steps are timed, fix the plan for the rest of the run ----------
+            # ---- a time budget: once a few steps are timed, fix the plan; then keep it on time -------------
             fixed = None
-            if config.time and not plan:
-                spent = elapsed_before + clock() - t_begin
-                if plan_due(timed, spent, config.time):
-                    fixed = plan_time(config, config.time - spent, timed, eval_seconds, step, world_size)
+            checking = own_plan and check_at <= step < config.max_iters
+            if config.time and (not plan or checking):
+                now = clock()
+                spent = elapsed_before + now - t_begin
+                if not plan:
+                    if plan_due(timed, spent, config.time):
+                        fixed = plan_time(config, config.time - spent, timed, eval_seconds, step, world_size)
+                else:
+                    since = window[0]
+                    step_seconds = (now - window[1] - (eval_total - window[2])) / (step - since)
+                    fixed = replan_time(config, spent, step, step_seconds, eval_seconds)
+                    window, check_at = (step, now, eval_total), step + max(10, config.max_iters // 20)
                 if ddp:  # every rank follows rank 0's decision and plan
                     shared = [fixed]
                     torch.distributed.broadcast_object_list(shared, src=0)
                     fixed = shared[0]
             if fixed:
-                plan = fixed
+                replanned = plan is not None
+                was = config.max_iters
+                plan = {**(plan or {}), **fixed}
                 config = dataclasses.replace(config, **plan)
                 accum = config.gradient_accumulation_steps // world_size  # the plan may have raised it
                 tokens_per_step = config.batch_size * config.block_size * accum * world_size
                 batches = train_batches(accum)
                 bar.total = config.max_iters
                 end = datetime.fromtimestamp(t_begin + config.time - elapsed_before).strftime("%H:%M:%S")
-                log(
-                    f"plan: {config.max_iters:,} steps of {tokens_per_step:,} tokens "
-                    f"({tokens + (config.max_iters - step) * tokens_per_step:,} in all) to end near {end}"
-                )
+                if replanned:
+                    log(f"plan: {config.max_iters:,} steps, not {was:,}, to end near {end} (the last "
+                        f"{step - since} steps ran at {step_seconds:.3g} s each)")  # fmt: skip
+                else:
+                    own_plan = True
+                    window, check_at = (step, clock(), eval_total), step + max(10, config.max_iters // 20)
+                    log(
+                        f"plan: {config.max_iters:,} steps of {tokens_per_step:,} tokens "
+                        f"({tokens + (config.max_iters - step) * tokens_per_step:,} in all) to end near {end}"
+                    )
                 if master:
                     write_text(out_dir / "config.yaml", config_to_yaml(config, data_dir=str(data_dir)))
 
