@@ -526,8 +526,10 @@ def _train_loop(
     losses, interrupted = {}, False
     eval_seconds = 0.0  # the last evaluation + checkpoint, for a time budget's plan and the time-left line
     eval_total = 0.0  # all of them in this process
-    # A time budget's plan made in this process is checked every twentieth of the run (from `window`: step,
-    # clock, eval_total) and redrawn when it drifts off time; a resumed run keeps the plan it was saved with.
+    # A time budget's plan made in this process is checked every twentieth of the run, at the speed of all
+    # steps since it was made (`window`: step, clock, eval_total then; 30-step windows swung by +-10% here
+    # and redrew the plan back and forth), and redrawn when it drifts off time; a resumed run keeps the plan
+    # it was saved with.
     own_plan, window, check_at = False, None, None
     timed = dict(micro=[], optimizer=[])  # after the first step: its warm-up is not typical
     try:
@@ -604,7 +606,7 @@ def _train_loop(
                     since = window[0]
                     step_seconds = (now - window[1] - (eval_total - window[2])) / (step - since)
                     fixed = replan_time(config, spent, step, step_seconds, eval_seconds)
-                    window, check_at = (step, now, eval_total), step + max(10, config.max_iters // 20)
+                    check_at = step + max(10, config.max_iters // 20)
                 if ddp:  # every rank follows rank 0's decision and plan
                     shared = [fixed]
                     torch.distributed.broadcast_object_list(shared, src=0)
@@ -620,8 +622,8 @@ def _train_loop(
                 bar.total = config.max_iters
                 end = datetime.fromtimestamp(t_begin + config.time - elapsed_before).strftime("%H:%M:%S")
                 if replanned:
-                    log(f"plan: {config.max_iters:,} steps, not {was:,}, to end near {end} (the last "
-                        f"{step - since} steps ran at {step_seconds:.3g} s each)")  # fmt: skip
+                    log(f"plan: {config.max_iters:,} steps, not {was:,}, to end near {end} (the "
+                        f"{step - since} steps since the plan ran at {step_seconds:.3g} s each)")  # fmt: skip
                 else:
                     own_plan = True
                     window, check_at = (step, clock(), eval_total), step + max(10, config.max_iters // 20)
