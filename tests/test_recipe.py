@@ -1,6 +1,7 @@
 """The training recipe: budgets (--tokens, --time) and their plan, Muon + AdamW groups, the schedules, the
 `fast` preset, and resuming exactly with both optimizers."""
 
+import dataclasses
 import json
 import signal
 
@@ -139,10 +140,10 @@ class FakeClock:
 
 
 def test_time_budget_plan_is_fixed_once_and_survives_resume(data_dir, tmp_path, monkeypatch):
-    config = build_config("fast", overrides={**FAST_SMALL, "time": "60s", "eval_interval": 5})
     # The fake clock's steps take longer than the timed part of them, which a run would follow (next test):
-    # here the plan must stay as made for the resumed run to be comparable.
-    monkeypatch.setattr(smallm.train, "REPLAN_TOLERANCE", float("inf"))
+    # here the plan stays as first made (replan false) for the resumed run to be comparable.
+    overrides = {**FAST_SMALL, "time": "60s", "eval_interval": 5, "replan": False}
+    config = build_config("fast", overrides=overrides)
     monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.25))
     whole = train(config, data_dir, tmp_path / "whole", progress=False)
     plan = json.loads((tmp_path / "whole" / "last" / "state.json").read_text())["plan"]
@@ -166,13 +167,13 @@ def test_time_budget_plan_is_fixed_once_and_survives_resume(data_dir, tmp_path, 
 
 def test_a_time_budget_follows_a_machine_that_slows_down_and_ends_on_time(data_dir, tmp_path, monkeypatch):
     config = build_config("fast", overrides={**FAST_SMALL, "time": "60s", "eval_interval": 5})
-    monkeypatch.setattr(smallm.train, "REPLAN_TOLERANCE", float("inf"))  # first: a plan made once
+    assert config.replan  # the default
     monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.05, slower=(400, 2.0)))
-    fixed = train(config, data_dir, tmp_path / "fixed", progress=False)
+    once = dataclasses.replace(config, replan=False)  # first: the plan fixed once
+    fixed = train(once, data_dir, tmp_path / "fixed", progress=False)
     planned = json.loads((tmp_path / "fixed" / "last" / "state.json").read_text())["plan"]["max_iters"]
     assert fixed["step"] == planned and fixed["elapsed"] > 60 * 1.2  # half the speed after read 400: late
 
-    monkeypatch.setattr(smallm.train, "REPLAN_TOLERANCE", 0.02)
     monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.05, slower=(400, 2.0)))
     followed = train(config, data_dir, tmp_path / "followed", progress=False)
     plan = json.loads((tmp_path / "followed" / "last" / "state.json").read_text())["plan"]

@@ -152,7 +152,7 @@ def add_train(sub):
         if kind == "bool":
             extra = dict(nargs="?", const="true", metavar="BOOL")  # `--compile` alone means true
         seed = "max_iters" if name == "lr_decay_iters" else f.default
-        help = f"{f.metadata['help']} [seed: {seed}]"
+        help = f"{f.metadata['help']} [seed: {seed}]".replace("%", "%%")  # argparse formats help with %
         fields.add_argument(*flags, dest=name, default=keep_out, help=help, **extra)
     p.set_defaults(run=run_train)
 

@@ -595,7 +595,7 @@ def _train_loop(
 
             # ---- a time budget: once a few steps are timed, fix the plan; then keep it on time -------------
             fixed = None
-            checking = own_plan and check_at <= step < config.max_iters
+            checking = own_plan and config.replan and check_at <= step < config.max_iters
             if config.time and (not plan or checking):
                 now = clock()
                 spent = elapsed_before + now - t_begin

@@ -50,6 +50,11 @@ class TrainConfig:
     min_steps: int = _field(
         0, "with a budget, double gradient accumulation while the run keeps at least this many steps"
     )
+    replan: bool = _field(
+        True,
+        "time budget: redraw the plan when the speed since it was made says the run would miss the time by "
+        "more than 2% (false: the first plan, fixed once)",
+    )
     # optimizer: AdamW for everything, or Muon for the blocks' matrices and AdamW for the rest
     optimizer: str = _field("adamw", "adamw, or muon (torch.optim.Muon on the blocks' 2-D matrices)")
     muon_lr: float = _field(2e-3, "peak Muon learning rate (RMS-matched to AdamW's scale)")
