@@ -161,10 +161,10 @@ REPLAN_TOLERANCE = 0.02  # of the budget: a time budget's plan is redrawn when i
 
 def replan_time(config: TrainConfig, spent: float, step: int, step_seconds: float, eval_seconds: float):
     """A time budget's plan kept on time: {max_iters, lr_decay_iters} for the steps that now fit, or None
-    while the plan's end, at the speed of the latest steps (`step_seconds`, evaluations left out), stays
-    within REPLAN_TOLERANCE of the budget. A machine's speed can drift after the plan is made (a VM's moved
-    by a quarter within 15 minutes here), which a plan fixed once cannot follow. The cosine stretches or
-    shrinks with the run; the learning rate moves a little where it does."""
+    while the plan's end, at the measured speed (`step_seconds`: the steps since the plan was made,
+    evaluations left out), stays within REPLAN_TOLERANCE of the budget. A machine's speed can drift after
+    the plan is made (a VM's moved by a quarter within 15 minutes here), which a plan fixed once cannot
+    follow. The cosine stretches or shrinks with the run; the learning rate moves a little where it does."""
     evals_left = (config.max_iters - 1) // config.eval_interval - (step - 1) // config.eval_interval + 1
     projected = spent + (config.max_iters - step) * step_seconds + evals_left * eval_seconds
     if abs(projected - config.time) <= REPLAN_TOLERANCE * config.time:

@@ -44,7 +44,8 @@ class TrainConfig:
         "random (nanoGPT's: windows from anywhere, with replacement), or epoch (every window once per epoch, "
         "shuffled)",
     )
-    # budgets: either sets max_iters (and the schedule with it); the plan is fixed once and kept on resume
+    # budgets: either sets max_iters (and the schedule with it); a token budget's plan is fixed once, a time
+    # budget's is kept on time by the run that made it (replan); --resume keeps the plan as saved
     tokens: int | None = _field(None, "token budget, e.g. 380k, 82M, 1.5B: the run's length in tokens")
     time: float | None = _field(None, "time budget, e.g. 90s, 20m, 2h: steps fitted to the measured speed")
     min_steps: int = _field(
