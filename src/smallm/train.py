@@ -157,6 +157,7 @@ def plan_time(
 
 
 REPLAN_TOLERANCE = 0.02  # of the budget: a time budget's plan is redrawn when it would miss by more
+REPLAN_CHECKS = 20  # looks at the plan per run (at least 10 steps apart)
 
 
 def replan_time(config: TrainConfig, spent: float, step: int, step_seconds: float, eval_seconds: float):
@@ -165,8 +166,7 @@ def replan_time(config: TrainConfig, spent: float, step: int, step_seconds: floa
     evaluations left out), stays within REPLAN_TOLERANCE of the budget. A machine's speed can drift after
     the plan is made (a VM's moved by a quarter within 15 minutes here), which a plan fixed once cannot
     follow. The cosine stretches or shrinks with the run; the learning rate moves a little where it does."""
-    evals_left = (config.max_iters - 1) // config.eval_interval - (step - 1) // config.eval_interval + 1
-    projected = spent + (config.max_iters - step) * step_seconds + evals_left * eval_seconds
+    projected = spent + (config.max_iters - step) * step_seconds + _evals_left(step, config) * eval_seconds
     if abs(projected - config.time) <= REPLAN_TOLERANCE * config.time:
         return None
     left = config.time - spent - eval_seconds  # the final evaluation and save
@@ -606,7 +606,7 @@ def _train_loop(
                     since = window[0]
                     step_seconds = (now - window[1] - (eval_total - window[2])) / (step - since)
                     fixed = replan_time(config, spent, step, step_seconds, eval_seconds)
-                    check_at = step + max(10, config.max_iters // 20)
+                    check_at = step + max(10, config.max_iters // REPLAN_CHECKS)
                 if ddp:  # every rank follows rank 0's decision and plan
                     shared = [fixed]
                     torch.distributed.broadcast_object_list(shared, src=0)
@@ -626,7 +626,8 @@ def _train_loop(
                         f"{step - since} steps since the plan ran at {step_seconds:.3g} s each)")  # fmt: skip
                 else:
                     own_plan = True
-                    window, check_at = (step, clock(), eval_total), step + max(10, config.max_iters // 20)
+                    window = (step, clock(), eval_total)
+                    check_at = step + max(10, config.max_iters // REPLAN_CHECKS)
                     log(
                         f"plan: {config.max_iters:,} steps of {tokens_per_step:,} tokens "
                         f"({tokens + (config.max_iters - step) * tokens_per_step:,} in all) to end near {end}"
@@ -706,11 +707,16 @@ def _write_failed(error: WriteFailed, last_dir: Path, out_dir: Path, saved) -> S
     )
 
 
+def _evals_left(step: int, config) -> int:
+    """Evaluations still due in step..max_iters: every eval_interval steps, and the last step's."""
+    due = config.max_iters // config.eval_interval - (step - 1) // config.eval_interval
+    return due + (config.max_iters % config.eval_interval != 0)
+
+
 def _time_left(step: int, step_seconds: float, tokens_per_step: int, eval_seconds, config) -> str:
     """One line: the speed, and how long the rest of the run takes at it (evaluations included)."""
     steps_left = config.max_iters - step
-    evals_left = config.max_iters // config.eval_interval - (step - 1) // config.eval_interval  # in step..max
-    evals_left += config.max_iters % config.eval_interval != 0  # the last step is evaluated too
+    evals_left = _evals_left(step, config)
     seconds = steps_left * step_seconds
     evals = ""
     if eval_seconds and evals_left:
