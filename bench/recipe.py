@@ -12,7 +12,8 @@ gives the plot of loss against tokens; the table's loss is the full evaluation a
 
 Prints one table (recipe, tokens, loss on unseen stories, bits/byte, wall time, tokens/s: mean and spread
 over seeds) and writes OUT/recipes.png; each finished run is a JSON line in --results as soon as it ends, so
-an interrupted benchmark keeps what it measured and a rerun skips what is there.
+an interrupted benchmark keeps what it measured and a rerun skips what is there (the same recipe, budget
+and seed on the same TRAIN and UNSEEN directories; rows of other data are left alone).
 
     python bench/recipe.py --train data/ts-train --unseen data/ts-unseen --tokens 380k --seeds 1,2,3 \\
         --recipe fast --recipe "adamw=fast optimizer=adamw learning_rate=1e-3" --lock /tmp/smallm-bench.lock
@@ -194,6 +195,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = combined_data(args.train, args.unseen, args.out / "data")
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    # a row counts only for the same training and unseen text: a results file may hold other data's rows
+    source = dict(train=str(args.train.resolve()), unseen=str(args.unseen.resolve()))
+    done = [r for r in done if all(r.get(k) == v for k, v in source.items())]
     recipes = [parse_recipe(r) for r in args.recipe]
     budgets = [parse_tokens(t) for t in args.tokens.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -202,7 +206,7 @@ def main() -> None:
             for seed in seeds:
                 if any((r["recipe"], r["tokens_budget"], r["seed"]) == (name, tokens, seed) for r in done):
                     continue
-                row = run_one(name, preset, overrides, tokens, seed, data, args.out, args.lock)
+                row = run_one(name, preset, overrides, tokens, seed, data, args.out, args.lock) | source
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{name} seed {seed} {tokens:,} tokens: unseen loss {row['loss']:.4f}, "
