@@ -5,7 +5,7 @@ machine hits both alike): forward, backward, clip, optimizer step, zero_grad, in
 picks. Prints the median seconds per step, tokens/s, the ratio, and the optimizer step alone (Muon's
 Newton-Schulz iterations on the 24 block matrices against a fused AdamW update), plus peak RSS.
 
-    flock /tmp/smallm-bench.lock python bench/optimizer_step.py              # batch 8 x 128, as `fast`
+    flock /tmp/smallm-bench.lock python bench/optimizer_step.py              # batch 4 x 128, as `fast`
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --batch-size 32
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-steps 5,3   # fewer NS iterations
 """
@@ -27,7 +27,7 @@ from smallm.train import build_config, configure_optimizers, pick_dtype
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per optimizer (after 3 warm-up)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--ns-steps", default="5", help="comma-separated Newton-Schulz counts")

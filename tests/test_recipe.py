@@ -81,20 +81,26 @@ def test_both_budgets_at_once_are_refused():
 def test_a_token_budget_sets_the_steps_and_fits_warmup_and_decay_to_them():
     config = build_config("seed", overrides={"tokens": "82M"})  # 131,072 tokens per step
     assert plan_steps(config, config.tokens) == dict(
-        max_iters=626, gradient_accumulation_steps=32, warmup_iters=62, lr_decay_iters=626
+        max_iters=626, batch_size=32, gradient_accumulation_steps=32, warmup_iters=62, lr_decay_iters=626
     )  # 1,000 warmup steps would be longer than the run: at most a tenth of it
 
 
 def test_min_steps_grows_the_batch_with_the_budget_but_never_below_min_steps():
-    config = build_config("fast")  # 8 x 128 tokens per micro-batch, min_steps 512
-    one_epoch, notebook = plan_steps(config, 380_000), plan_steps(config, 82_000_000)
-    assert (one_epoch["gradient_accumulation_steps"], one_epoch["max_iters"]) == (1, 371)  # small steps
-    assert (notebook["gradient_accumulation_steps"], notebook["max_iters"]) == (128, 626)  # 131,072 tokens
+    config = build_config("fast")  # 4 x 128 tokens per step, min_steps 512, micro-batches up to 8
+
+    def shape(plan):
+        return plan["batch_size"], plan["gradient_accumulation_steps"], plan["max_iters"]
+
+    assert shape(plan_steps(config, 380_000)) == (4, 1, 742)  # one epoch: small steps
+    assert shape(plan_steps(config, 760_000)) == (8, 1, 742)  # the batch grows first, in one micro-batch
+    notebook = plan_steps(config, 82_000_000)
+    assert shape(notebook) == (8, 128, 626)  # then accumulation: 131,072 tokens per step
     assert 82_000_000 / (256 * 1024) < config.min_steps <= notebook["max_iters"]  # doubling again: too few
     gpu = build_config("fast", overrides={"batch_size": 64})
     assert plan_steps(gpu, 82_000_000)["gradient_accumulation_steps"] == 16  # the same tokens per step
     custom = TrainConfig(batch_size=8, gradient_accumulation_steps=1, block_size=128, min_steps=100)
     assert plan_steps(custom, 1_000_000)["gradient_accumulation_steps"] == 8  # 122 steps; 16 would give 61
+    assert plan_steps(custom, 1_000_000)["batch_size"] == 8  # max_batch_size 0: the micro-batch stays
     assert plan_steps(custom, 50_000)["gradient_accumulation_steps"] == 1  # never fewer than one micro-batch
     assert plan_steps(custom, 1_000_000, world_size=3)["gradient_accumulation_steps"] % 3 == 0
 
@@ -106,10 +112,16 @@ def test_a_time_budget_plans_the_steps_that_fit_from_measured_speed():
     timed = dict(micro=[0.9, 0.7, 0.5, 0.5, 0.5], optimizer=[0.3, 0.1, 0.1, 0.1, 0.2])
     plan = plan_time(config, seconds_left=310.0, timed=timed, eval_seconds=5.0, step=5)
     # (310 - 5 for the final evaluation) / (0.6 s per step + 5 s every 50 steps) = 435.7: 435 steps after 5
-    assert plan == dict(max_iters=440, gradient_accumulation_steps=1, warmup_iters=20, lr_decay_iters=440)
+    assert plan == dict(max_iters=440, batch_size=8, gradient_accumulation_steps=1, warmup_iters=20,
+                        lr_decay_iters=440)  # fmt: skip
     grown = plan_time(TrainConfig(**{**config.to_dict(), "min_steps": 100}), 310.0, timed, 5.0, 5)
     assert grown["gradient_accumulation_steps"] == 4  # 610 micro-batches fit: 4 per step keeps >= 100 steps
     assert grown["max_iters"] - 5 == int(305 / (4 * 0.5 + 0.1 + 5 / 50))
+    # micro-batches of 4 timed; the batch grows to max_batch_size first, its time (at most) in proportion
+    small = TrainConfig(**{**config.to_dict(), "batch_size": 4, "min_steps": 100, "max_batch_size": 8})
+    grown = plan_time(small, 310.0, timed, 5.0, 5)
+    assert (grown["batch_size"], grown["gradient_accumulation_steps"]) == (8, 2)  # 155 steps of 2,048 tokens
+    assert grown["max_iters"] - 5 == int(305 / (2 * 0.5 * 2 + 0.1 + 5 / 50))
 
 
 def test_a_time_budget_times_ten_steps_before_planning_unless_they_take_a_twentieth_of_it():
@@ -139,15 +151,20 @@ class FakeClock:
         return self.now
 
 
-def test_time_budget_plan_is_fixed_once_and_survives_resume(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("min_steps, batch", [(512, 4), (40, 8)])  # 40: the plan grows the micro-batch
+def test_time_budget_plan_is_fixed_once_and_survives_resume(min_steps, batch, data_dir, tmp_path,
+                                                            monkeypatch):  # fmt: skip
     # The fake clock's steps take longer than the timed part of them, which a run would follow (next test):
     # here the plan stays as first made (replan false) for the resumed run to be comparable.
-    overrides = {**FAST_SMALL, "time": "60s", "eval_interval": 5, "replan": False}
+    overrides = {**FAST_SMALL, "time": "60s", "eval_interval": 5, "replan": False, "min_steps": min_steps}
     config = build_config("fast", overrides=overrides)
     monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.25))
     whole = train(config, data_dir, tmp_path / "whole", progress=False)
     plan = json.loads((tmp_path / "whole" / "last" / "state.json").read_text())["plan"]
     assert whole["step"] == plan["max_iters"] > 10 and not whole["interrupted"]
+    assert (plan["batch_size"], plan["gradient_accumulation_steps"]) == (batch, 1)
+    steps = [r for r in read_rows(tmp_path / "whole") if "loss" in r]
+    assert steps[-1]["tokens"] - steps[-2]["tokens"] == batch * 32 * (steps[-1]["step"] - steps[-2]["step"])
     assert plan["lr_decay_iters"] == plan["max_iters"]
     saved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
     assert saved["max_iters"] == plan["max_iters"] and saved["time"] == 60.0  # the plan is on record
@@ -248,7 +265,7 @@ def test_fast_preset_is_the_seed_model_with_its_documented_recipe():
     for name in ("n_layer", "n_head", "n_embd", "block_size", "bias"):
         assert getattr(fast, name) == getattr(seed, name)  # checkpoints, export and serving unchanged
     documented = dict(
-        dropout=0.0, batch_size=8, gradient_accumulation_steps=1, optimizer="muon", grad_clip=1.0, beta1=0.8,
+        dropout=0.0, batch_size=4, gradient_accumulation_steps=1, optimizer="muon", grad_clip=1.0, beta1=0.8,
         beta2=0.999, muon_lr=3e-3, muon_momentum=0.9, learning_rate=2e-3, min_lr=6e-4, sampling="epoch",
     )  # fmt: skip
     assert {k: getattr(fast, k) for k in documented} == documented

@@ -141,14 +141,18 @@ def plan_time(
     timed: the seconds of each step timed so far, in its micro-batches ("micro") and in the optimizer
     ("optimizer"); the median of each is the rate, so a few slow steps (a CPU warming up, a neighbour's
     burst) do not shorten the whole run. eval_seconds: one evaluation with its checkpoint, counted every
-    eval_interval steps and once at the end. Gradient accumulation grows as plan_steps says for the tokens
-    that fit.
+    eval_interval steps and once at the end. The tokens per step grow (batch_size, then gradient
+    accumulation) as plan_steps says for the tokens that fit.
     """
     micro_per_step = config.gradient_accumulation_steps // world_size  # per rank
     micro_seconds = statistics.median(timed["micro"]) / micro_per_step
     optimizer_seconds = statistics.median(timed["optimizer"])
     micro_tokens = config.batch_size * config.block_size * world_size  # all ranks at once
-    plan = plan_steps(config, seconds_left / micro_seconds * micro_tokens, world_size)
+    # tokens that fit at the timed step size, optimizer included: larger steps fit more (the optimizer's
+    # time is per step), so grown steps keep at least min_steps
+    timed_step = micro_per_step * micro_seconds + optimizer_seconds
+    plan = plan_steps(config, seconds_left / timed_step * micro_per_step * micro_tokens, world_size)
+    micro_seconds *= plan["batch_size"] / config.batch_size  # a larger micro-batch: at most proportionally
     step_seconds = plan["gradient_accumulation_steps"] // world_size * micro_seconds + optimizer_seconds
     steps = int((seconds_left - eval_seconds) / (step_seconds + eval_seconds / config.eval_interval))
     max_iters = step + max(1, steps)
@@ -437,12 +441,14 @@ def _train_loop(
                        sampling=config.sampling, origin=(step, tokens // config.block_size))  # fmt: skip
 
     batches = train_batches(accum)
-    eval_readers = {  # fixed batches (another seed than training's), comparable across evaluations
-        split: Batches(
-            data_dir, split, config.batch_size, config.block_size, seed=config.seed + 1, device=device
-        )
-        for split in ("train", "validation")
-    }
+
+    def fixed_batches(size: int) -> dict:  # another seed than training's: comparable evaluations
+        return {
+            split: Batches(data_dir, split, size, config.block_size, seed=config.seed + 1, device=device)
+            for split in ("train", "validation")
+        }
+
+    eval_readers = fixed_batches(config.batch_size)
     tokens_per_step = config.batch_size * config.block_size * config.gradient_accumulation_steps
     flops_per_token = 6 * raw_model.num_params() + 12 * config.n_layer * config.n_embd * config.block_size
     peak = peak_flops(device)
@@ -619,6 +625,7 @@ def _train_loop(
                 accum = config.gradient_accumulation_steps // world_size  # the plan may have raised it
                 tokens_per_step = config.batch_size * config.block_size * accum * world_size
                 batches = train_batches(accum)
+                eval_readers = fixed_batches(config.batch_size)  # as a resumed run, which starts planned
                 bar.total = config.max_iters
                 end = datetime.fromtimestamp(t_begin + config.time - elapsed_before).strftime("%H:%M:%S")
                 if replanned:

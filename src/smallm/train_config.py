@@ -49,7 +49,12 @@ class TrainConfig:
     tokens: int | None = _field(None, "token budget, e.g. 380k, 82M, 1.5B: the run's length in tokens")
     time: float | None = _field(None, "time budget, e.g. 90s, 20m, 2h: steps fitted to the measured speed")
     min_steps: int = _field(
-        0, "with a budget, double gradient accumulation while the run keeps at least this many steps"
+        0, "with a budget, double the tokens per step while the run keeps at least this many steps"
+    )
+    max_batch_size: int = _field(
+        0,
+        "with min_steps, the tokens per step grow by doubling batch_size up to this (fewer, larger "
+        "micro-batches: faster), then gradient accumulation; 0: batch_size stays",
     )
     replan: bool = _field(
         True,
@@ -123,7 +128,8 @@ class TrainConfig:
             raise SmallmError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not 1 <= self.muon_ns_steps <= 99:
             raise SmallmError(f"muon_ns_steps must be in 1..99, got {self.muon_ns_steps}")
-        for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "min_steps"):
+        nonnegative = ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "min_steps")
+        for name in (*nonnegative, "max_batch_size"):
             if getattr(self, name) < 0:
                 raise SmallmError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.learning_rate:
@@ -159,17 +165,18 @@ PRESETS = {
     # 1,000 warmup steps, cosine down to 1e-5.
     "seed": {},
     # The seed model with the recipe that learned most per token on stories it never saw (bench/recipe.py,
-    # bench/RESULTS.md): Muon for the blocks' matrices, 1,024-token steps for small budgets, no dropout,
+    # bench/RESULTS.md): Muon for the blocks' matrices, 512-token steps for small budgets, no dropout,
     # every window of the text once per epoch.
     # With a budget: warmup 37 steps (at most a tenth of the run), cosine to 0.3 of the peak at the end,
-    # and the tokens per step doubling (gradient accumulation) while the run keeps >= 512 steps.
+    # and the tokens per step doubling (batch to 8, then accumulation) while the run keeps >= 512 steps.
     "fast": dict(
         dropout=0.0,
-        batch_size=8,
+        batch_size=4,  # 4 x 128 beat 8 x 128 at a quarter, half and one epoch; 2 x 128 did not beat 4 x 128
         gradient_accumulation_steps=1,
-        max_iters=372,  # one epoch of the shared ~382K tokens; --tokens or --time sets it
+        max_iters=744,  # one epoch of the shared ~382K tokens; --tokens or --time sets it
         sampling="epoch",  # every window once an epoch; random ones miss 37% of it (0.07 worse at one epoch)
         min_steps=512,
+        max_batch_size=8,  # a budget's larger steps: 8 x 128 in one micro-batch, then accumulation
         optimizer="muon",
         muon_lr=3e-3,
         muon_momentum=0.9,  # torch's 0.95 remembers too long for runs of a few hundred steps
@@ -290,19 +297,24 @@ def parse_duration(text) -> float:
 def plan_steps(config: TrainConfig, tokens: float, world_size: int = 1) -> dict:
     """The run's length for a budget of `tokens`: max_iters, gradient accumulation, warmup and decay.
 
-    Tokens per step start at the config's; with min_steps, gradient accumulation doubles while the run
-    keeps at least min_steps steps (a small budget cannot afford big steps, a large one wants them).
+    Tokens per step start at the config's; with min_steps, they double while the run keeps at least
+    min_steps steps (a small budget cannot afford big steps, a large one wants them): batch_size first, up
+    to max_batch_size, then gradient accumulation: the same arithmetic, but one micro-batch of 8 x 128 ran
+    1.2x as fast as two of 4 x 128 on a 2-core CPU (bench/RESULTS.md).
     The warmup keeps its length in steps but is at most a tenth of the run; the decay ends with the run.
     """
-    micro_tokens = config.batch_size * config.block_size
-    accum = config.gradient_accumulation_steps
+    batch, accum = config.batch_size, config.gradient_accumulation_steps
     if config.min_steps:
-        while tokens / (micro_tokens * accum * 2) >= config.min_steps:
-            accum *= 2
+        while tokens / (batch * config.block_size * accum * 2) >= config.min_steps:
+            if batch * 2 <= config.max_batch_size:
+                batch *= 2
+            else:
+                accum *= 2
     accum = -(-accum // world_size) * world_size  # divisible by the number of processes
-    steps = max(1, round(tokens / (micro_tokens * accum)))
+    steps = max(1, round(tokens / (batch * config.block_size * accum)))
     return dict(
         max_iters=steps,
+        batch_size=batch,
         gradient_accumulation_steps=accum,
         warmup_iters=min(config.warmup_iters, steps // 10),
         lr_decay_iters=steps,
