@@ -151,8 +151,8 @@ class FakeClock:
         return self.now
 
 
-@pytest.mark.parametrize("min_steps, batch", [(512, 4), (40, 8)])  # 40: the plan grows the micro-batch
-def test_time_budget_plan_is_fixed_once_and_survives_resume(min_steps, batch, data_dir, tmp_path,
+@pytest.mark.parametrize("min_steps, batch, accum", [(512, 4, 1), (40, 8, 2)])  # 40: the steps grow
+def test_time_budget_plan_is_fixed_once_and_survives_resume(min_steps, batch, accum, data_dir, tmp_path,
                                                             monkeypatch):  # fmt: skip
     # The fake clock's steps take longer than the timed part of them, which a run would follow (next test):
     # here the plan stays as first made (replan false) for the resumed run to be comparable.
@@ -162,9 +162,9 @@ def test_time_budget_plan_is_fixed_once_and_survives_resume(min_steps, batch, da
     whole = train(config, data_dir, tmp_path / "whole", progress=False)
     plan = json.loads((tmp_path / "whole" / "last" / "state.json").read_text())["plan"]
     assert whole["step"] == plan["max_iters"] > 10 and not whole["interrupted"]
-    assert (plan["batch_size"], plan["gradient_accumulation_steps"]) == (batch, 1)
-    steps = [r for r in read_rows(tmp_path / "whole") if "loss" in r]
-    assert steps[-1]["tokens"] - steps[-2]["tokens"] == batch * 32 * (steps[-1]["step"] - steps[-2]["step"])
+    assert (plan["batch_size"], plan["gradient_accumulation_steps"]) == (batch, accum)  # micro-batch first
+    last, before = [r for r in read_rows(tmp_path / "whole") if "loss" in r][-1:-3:-1]
+    assert last["tokens"] - before["tokens"] == batch * 32 * accum * (last["step"] - before["step"])
     assert plan["lr_decay_iters"] == plan["max_iters"]
     saved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
     assert saved["max_iters"] == plan["max_iters"] and saved["time"] == 60.0  # the plan is on record

@@ -48,6 +48,7 @@ from smallm.train_config import (  # noqa: F401  (re-exported: smallm.train.Trai
     TrainConfig,
     build_config,
     config_to_yaml,
+    grow_steps,
     plan_steps,
     read_config_file,
     resume_config,
@@ -142,22 +143,22 @@ def plan_time(
     ("optimizer"); the median of each is the rate, so a few slow steps (a CPU warming up, a neighbour's
     burst) do not shorten the whole run. eval_seconds: one evaluation with its checkpoint, counted every
     eval_interval steps and once at the end. The tokens per step grow (batch_size, then gradient
-    accumulation) as plan_steps says for the tokens that fit.
+    accumulation) as grow_steps says, judged by the steps of the grown size that fit.
     """
     micro_per_step = config.gradient_accumulation_steps // world_size  # per rank
     micro_seconds = statistics.median(timed["micro"]) / micro_per_step
     optimizer_seconds = statistics.median(timed["optimizer"])
-    micro_tokens = config.batch_size * config.block_size * world_size  # all ranks at once
-    # tokens that fit at the timed step size, optimizer included: larger steps fit more (the optimizer's
-    # time is per step), so grown steps keep at least min_steps
-    timed_step = micro_per_step * micro_seconds + optimizer_seconds
-    plan = plan_steps(config, seconds_left / timed_step * micro_per_step * micro_tokens, world_size)
-    micro_seconds *= plan["batch_size"] / config.batch_size  # a larger micro-batch: at most proportionally
-    step_seconds = plan["gradient_accumulation_steps"] // world_size * micro_seconds + optimizer_seconds
-    steps = int((seconds_left - eval_seconds) / (step_seconds + eval_seconds / config.eval_interval))
+
+    def step_seconds(batch: int, accum: int) -> float:  # a larger micro-batch: at most proportionally slower
+        return accum / world_size * micro_seconds * batch / config.batch_size + optimizer_seconds
+
+    # steps grow while the steps of the grown size, each with its optimizer update, keep min_steps
+    batch, accum = grow_steps(config, lambda b, a: seconds_left / step_seconds(b, a), world_size)
+    per_step = step_seconds(batch, accum)
+    steps = int((seconds_left - eval_seconds) / (per_step + eval_seconds / config.eval_interval))
     max_iters = step + max(1, steps)
-    return dict(plan, max_iters=max_iters, warmup_iters=min(config.warmup_iters, max_iters // 10),
-                lr_decay_iters=max_iters)  # fmt: skip
+    return dict(max_iters=max_iters, batch_size=batch, gradient_accumulation_steps=accum,
+                warmup_iters=min(config.warmup_iters, max_iters // 10), lr_decay_iters=max_iters)  # fmt: skip
 
 
 REPLAN_TOLERANCE = 0.02  # of the budget: a time budget's plan is redrawn when it would miss by more

@@ -294,23 +294,29 @@ def parse_duration(text) -> float:
     return seconds
 
 
-def plan_steps(config: TrainConfig, tokens: float, world_size: int = 1) -> dict:
-    """The run's length for a budget of `tokens`: max_iters, gradient accumulation, warmup and decay.
+def grow_steps(config: TrainConfig, steps_at, world_size: int = 1) -> tuple[int, int]:
+    """(batch_size, gradient_accumulation_steps) for a budget that gives `steps_at(batch, accum)` steps.
 
     Tokens per step start at the config's; with min_steps, they double while the run keeps at least
     min_steps steps (a small budget cannot afford big steps, a large one wants them): batch_size first, up
     to max_batch_size, then gradient accumulation: the same arithmetic, but one micro-batch of 8 x 128 ran
     1.2x as fast as two of 4 x 128 on a 2-core CPU (bench/RESULTS.md).
-    The warmup keeps its length in steps but is at most a tenth of the run; the decay ends with the run.
     """
     batch, accum = config.batch_size, config.gradient_accumulation_steps
-    if config.min_steps:
-        while tokens / (batch * config.block_size * accum * 2) >= config.min_steps:
-            if batch * 2 <= config.max_batch_size:
-                batch *= 2
-            else:
-                accum *= 2
-    accum = -(-accum // world_size) * world_size  # divisible by the number of processes
+    while config.min_steps:
+        bigger = (batch * 2, accum) if batch * 2 <= config.max_batch_size else (batch, accum * 2)
+        if steps_at(*bigger) < config.min_steps:
+            break
+        batch, accum = bigger
+    return batch, -(-accum // world_size) * world_size  # divisible by the number of processes
+
+
+def plan_steps(config: TrainConfig, tokens: float, world_size: int = 1) -> dict:
+    """The run's length for a budget of `tokens`: max_iters, batch size and gradient accumulation as
+    grow_steps says, warmup and decay. The warmup keeps its length in steps but is at most a tenth of the
+    run; the decay ends with the run.
+    """
+    batch, accum = grow_steps(config, lambda b, a: tokens / (b * config.block_size * a), world_size)
     steps = max(1, round(tokens / (batch * config.block_size * accum)))
     return dict(
         max_iters=steps,
