@@ -5,7 +5,9 @@ Every (recipe, seed) trains with `smallm train --preset P --tokens T --seed S ..
 TRAIN's train split, then `smallm eval` measures its final weights (RUN/last, not the best evaluation, which
 was chosen on the unseen text) over every token of UNSEEN (both of its splits), with loss and bits per
 byte. UNSEEN must hold stories that are not in TRAIN; cut it before tuning anything, and keep a second
-unseen directory for the figures you report.
+unseen directory for the figures you report. The row also holds the loss over every token of TRAIN's own
+validation split (`held-out`: the stories `smallm prepare` kept out of TRAIN, which `smallm train` reports
+on), for comparing with figures measured there.
 
 The runs evaluate on UNSEEN as they go (RUN/metrics.jsonl, about 8K tokens per evaluation), which
 gives the plot of loss against tokens; the table's loss is the full evaluation at the end.
@@ -95,7 +97,14 @@ def cpu_name() -> str:
     return "unknown"
 
 
-def run_one(name, preset, overrides, tokens, seed, data, out, lock) -> dict:
+def evaluate(run: Path, data: Path) -> dict:
+    """`smallm eval` over every token of DATA's validation split: {val_loss, bits_per_byte, tokens, ...}."""
+    result = subprocess.run([sys.executable, "-m", "smallm", "eval", str(run), "--data", str(data)],
+                            check=True, capture_output=True, text=True)  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_one(name, preset, overrides, tokens, seed, data, out, lock, train_dir) -> dict:
     """Train one recipe with one seed, evaluate its final weights on the unseen split, return the row."""
     config = build_config(preset, overrides={**overrides, "seed": seed})
     steps = plan_steps(config, tokens)["max_iters"]
@@ -111,16 +120,17 @@ def run_one(name, preset, overrides, tokens, seed, data, out, lock) -> dict:
         t0 = time.time()
         subprocess.run(train, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wall = time.time() - t0
-    result = subprocess.run(
-        [*smallm, "eval", str(run / "last"), "--data", str(data)], check=True, capture_output=True, text=True
-    )
-    evaluation = json.loads(result.stdout.strip().splitlines()[-1])
+    evaluation = evaluate(run / "last", data)
+    splits = json.loads((train_dir / "meta.json").read_text())["splits"]
+    has_heldout = splits.get("validation", {}).get("tokens")
+    heldout = evaluate(run / "last", train_dir) if has_heldout else {}
     rows = read_metrics(run / "metrics.jsonl")
     speeds = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]  # the first includes warm-up
     return dict(
         recipe=name, preset=preset, overrides=overrides, seed=seed, tokens_budget=tokens,
         tokens=max(r.get("tokens", 0) for r in rows), steps=steps, loss=evaluation["val_loss"],
-        bits_per_byte=evaluation["bits_per_byte"], unseen_tokens=evaluation["tokens"], wall_s=round(wall, 1),
+        bits_per_byte=evaluation["bits_per_byte"], unseen_tokens=evaluation["tokens"],
+        heldout_loss=heldout.get("val_loss"), heldout_tokens=heldout.get("tokens"), wall_s=round(wall, 1),
         tokens_per_sec=round(statistics.median(speeds), 1) if speeds else None, cpu=cpu_name(),
         curve=[(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r], run=str(run),
     )  # fmt: skip
@@ -139,14 +149,15 @@ def report(rows: list[dict], png: Path) -> None:
     by_recipe: dict[tuple, list[dict]] = {}
     for r in rows:
         by_recipe.setdefault((r["recipe"], r["tokens_budget"]), []).append(r)
-    print(f"{'recipe':32} {'tokens':>9} {'seeds':>5} {'unseen loss':>15} {'bits/byte':>15} {'wall s':>8} "
-          f"{'tokens/s':>9}")  # fmt: skip
+    print(f"{'recipe':32} {'tokens':>9} {'seeds':>5} {'unseen loss':>15} {'bits/byte':>15} "
+          f"{'held-out loss':>15} {'wall s':>8} {'tokens/s':>9}")  # fmt: skip
     for (name, budget), group in sorted(
         by_recipe.items(), key=lambda kv: (kv[0][1], spread([r["loss"] for r in kv[1]]))
     ):
         print(
             f"{name:32} {budget:>9,} {len(group):>5} {spread([r['loss'] for r in group]):>15} "
             f"{spread([r['bits_per_byte'] for r in group]):>15} "
+            f"{spread([r.get('heldout_loss') for r in group]):>15} "
             f"{statistics.fmean(r['wall_s'] for r in group):>8.0f} "
             f"{statistics.fmean(r['tokens_per_sec'] or 0 for r in group):>9,.0f}"
         )
@@ -206,7 +217,8 @@ def main() -> None:
             for seed in seeds:
                 if any((r["recipe"], r["tokens_budget"], r["seed"]) == (name, tokens, seed) for r in done):
                     continue
-                row = run_one(name, preset, overrides, tokens, seed, data, args.out, args.lock) | source
+                row = run_one(name, preset, overrides, tokens, seed, data, args.out, args.lock, args.train)
+                row |= source
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{name} seed {seed} {tokens:,} tokens: unseen loss {row['loss']:.4f}, "
