@@ -309,3 +309,67 @@ def test_resume_with_muon_and_wsd_matches_an_uninterrupted_run(data_dir, tmp_pat
     losses = lambda run: [(r["step"], round(r["loss"], 5)) for r in read_rows(run) if "loss" in r]  # noqa: E731
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+
+
+# ---- a moving average of the weights (--ema) ------------------------------------------------------------
+
+
+def test_ema_half_life_is_a_fraction_of_the_run():
+    config = TrainConfig(ema=0.1, max_iters=200)
+    assert smallm.train.ema_decay(config) ** 20 == pytest.approx(0.5)  # 20 steps = a tenth of 200
+    assert smallm.train.ema_decay(TrainConfig(ema=0.001, max_iters=100)) == 0.5  # at least one step
+    with pytest.raises(SmallmError, match="ema must be in"):
+        TrainConfig(ema=1.5)
+
+
+def test_ema_run_evaluates_and_saves_the_average_of_the_weights_it_trains(data_dir, tmp_path, monkeypatch):
+    overrides = {**FAST_SMALL, "max_iters": 6, "eval_interval": 1, "ema": 0.25}  # half-life 1.5 steps
+    config = build_config("fast", overrides=overrides)
+    saved = []  # (trained, average) at every evaluation's checkpoint: steps 0..6
+
+    def save_training_state(directory, model, optimizers, state, *args, averaged=None, **kwargs):
+        copy = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+        saved.append((copy(model), copy(averaged)))
+        return real(directory, model, optimizers, state, *args, averaged=averaged, **kwargs)
+
+    real = smallm.train.save_training_state
+    monkeypatch.setattr(smallm.train, "save_training_state", save_training_state)
+    averaged = train(config, data_dir, tmp_path / "ema", progress=False)
+    monkeypatch.undo()
+    decay = smallm.train.ema_decay(config)
+    assert len(saved) == 7 and 0.5 < decay < 0.7
+    for name in saved[0][0]:
+        assert torch.equal(saved[0][1][name], saved[0][0][name])  # step 0: the average is the init
+        assert torch.equal(saved[1][1][name], saved[1][0][name])  # the first update copies the weights
+        for (_, before), (weights, average) in zip(saved[1:-1], saved[2:], strict=True):
+            expected = decay * before[name] + (1 - decay) * weights[name]
+            torch.testing.assert_close(average[name], expected, rtol=1e-5, atol=1e-7)
+    # the average never feeds back into training: the same losses and trained weights as a run without it
+    plain = train(dataclasses.replace(config, ema=0.0), data_dir, tmp_path / "plain", progress=False)
+    losses = lambda run: [r["loss"] for r in read_rows(run) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "ema") == losses(tmp_path / "plain")
+    last = tmp_path / "ema" / "last"
+    trained, given = load_file(str(last / "trained.safetensors")), load_file(str(last / "model.safetensors"))
+    plain_weights = load_file(str(tmp_path / "plain" / "last" / "model.safetensors"))
+    assert all(torch.equal(trained[k], plain_weights[k]) for k in trained)
+    assert not all(torch.equal(given[k], trained[k]) for k in trained)  # last/'s model is the average
+    assert averaged["val_loss"] != pytest.approx(plain["val_loss"])  # and it is what was evaluated
+    best = tmp_path / "ema" / "best"
+    best_step = json.loads((best / "config.json").read_text())["step"]
+    best_weights = load_file(str(best / "model.safetensors"))
+    assert all(torch.equal(best_weights[k], saved[best_step][1][k]) for k in best_weights)  # best/: too
+
+
+def test_resume_with_ema_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    config = build_config("fast", overrides={**FAST_SMALL, "max_iters": 12, "eval_interval": 4, "ema": 0.2})
+    whole = train(config, data_dir, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(smallm.train, "clock", FakeClock(tick=0.01, interrupt_at=40))
+    assert train(config, data_dir, tmp_path / "split", progress=False)["interrupted"]
+    monkeypatch.undo()
+    with pytest.raises(SmallmError, match="keeps a moving average of the weights"):
+        train(dataclasses.replace(config, ema=0.0), data_dir, tmp_path / "split", resume=True, progress=False)
+    resumed = train(config, data_dir, tmp_path / "split", resume=True, progress=False)
+    assert resumed["step"] == 12 and resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
+    for name in ("model.safetensors", "trained.safetensors"):
+        a, b = (load_file(str(tmp_path / run / "last" / name)) for run in ("whole", "split"))
+        assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a), name

@@ -125,13 +125,16 @@ def save_model(model, directory, extra_config: dict | None = None, tokenizer_fil
 def _write_model(directory: Path, model, extra_config: dict | None, tokenizer_file=None) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    save_file(_weights(model), str(directory / WEIGHTS), metadata={"format": "pt"})
     tokenizer = "gpt2"
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
         tokenizer = TOKENIZER_FILE
     write_json(directory / CONFIG, {**model.config.to_dict(), "tokenizer": tokenizer, **(extra_config or {})})
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
 def read_model_config(directory) -> GPTConfig:
@@ -188,14 +191,18 @@ OPTIMIZER = "optimizer.safetensors"  # per-parameter optimizer tensors, "<param 
 # optimizer, AdamW) and "<k>:<param index>.<name>" (optimizer k > 0, e.g. Muon)
 RNG = "rng.safetensors"  # torch generator states as uint8 tensors
 TRAINING_STATE = "state.json"  # step, tokens, best val loss, grad scaler, optimizer hyperparameters, ...
+TRAINED = "trained.safetensors"  # with a weight average (--ema): the optimizer's own weights, while
+# model.safetensors holds the average, the model the run gives (eval, generate and export read it)
 DEVICE_KEYS = ("fused", "foreach", "capturable", "differentiable")  # how the optimizer runs, not state
 
 
 def save_training_state(
-    directory, model, optimizers, state: dict, extra_config: dict | None = None, tokenizer_file=None
+    directory, model, optimizers, state: dict, extra_config=None, tokenizer_file=None, averaged=None
 ) -> None:
     """Write the model (as save_model does), the optimizers, torch's RNG states and `state` (JSON-able
-    scalars) into `directory`, atomically: a reader sees the old checkpoint or the new one, never a mix."""
+    scalars) into `directory`, atomically: a reader sees the old checkpoint or the new one, never a mix.
+    With `averaged` (a moving average of the weights) the average is the directory's model and `model`'s
+    own weights go to trained.safetensors."""
     import torch
     from safetensors.torch import save_file
 
@@ -216,15 +223,18 @@ def save_training_state(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, state bytes)
     with writing(directory), atomic_directory(directory) as tmp:
-        _write_model(tmp, model, extra_config, tokenizer_file)
+        _write_model(tmp, model if averaged is None else averaged, extra_config, tokenizer_file)
+        if averaged is not None:
+            save_file(_weights(model), str(tmp / TRAINED))
         save_file(tensors, str(tmp / OPTIMIZER))
         save_file(rng, str(tmp / RNG))
         write_json(tmp / TRAINING_STATE, {**state, "optimizers": saved})
 
 
-def load_training_state(directory, model, optimizers, device="cpu") -> dict:
-    """Load what save_training_state wrote into `model` and `optimizers`, restore torch's RNG states, and
-    return the `state` dict. Raises SmallmError if a file is missing or does not fit."""
+def load_training_state(directory, model, optimizers, device="cpu", averaged=None) -> dict:
+    """Load what save_training_state wrote into `model`, `optimizers` and `averaged` (the weight average, if
+    the run keeps one), restore torch's RNG states, and return the `state` dict. Raises SmallmError if a
+    file is missing or does not fit."""
     import torch
     from safetensors.torch import load_file
 
@@ -233,8 +243,15 @@ def load_training_state(directory, model, optimizers, device="cpu") -> dict:
         if not (directory / name).is_file():
             raise SmallmError(f"{directory / name} is missing; {directory} is not a complete training state")
     state = read_json(directory / TRAINING_STATE)
+    if (averaged is not None) != (directory / TRAINED).is_file():
+        has = "keeps" if (directory / TRAINED).is_file() else "does not keep"
+        raise SmallmError(
+            f"{directory} {has} a moving average of the weights; resume with the run's own --ema"
+        )
     try:
-        weights = load_file(str(directory / WEIGHTS), device=str(device))
+        if averaged is not None:
+            averaged.load_state_dict(load_file(str(directory / WEIGHTS), device=str(device)))
+        weights = load_file(str(directory / (WEIGHTS if averaged is None else TRAINED)), device=str(device))
         tensors = load_file(str(directory / OPTIMIZER), device=str(device))
         rng = load_file(str(directory / RNG))
     except (SafetensorError, OSError, ValueError) as e:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from smallm.checkpoint import (
@@ -121,6 +122,11 @@ def set_lr(optimizers: list, step: int, config: TrainConfig) -> float:
         for group in optimizer.param_groups:
             group["lr"] = peak * lr / config.learning_rate
     return lr
+
+
+def ema_decay(config: TrainConfig) -> float:
+    """The weight average's decay per step: a half-life of `ema` x the run's steps (at least one step)."""
+    return 0.5 ** (1 / max(1.0, config.ema * config.max_iters))
 
 
 PLAN_STEPS = (3, 10)  # a time budget's plan: at least 3 timed steps, 10 unless they take 5% of the budget
@@ -407,6 +413,11 @@ def _train_loop(
     if config.init_from is not None and not resume:
         init_weights(raw_model, config.init_from)
     optimizers = configure_optimizers(raw_model, config, device_type)
+    # --ema: evaluations, best/ and last/'s model are a moving average of the weights (torch's AveragedModel,
+    # a copy of the model); its decay follows the plan's length, so it is set once the plan is known
+    average = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(0.0)) if config.ema else None
+    averaged = None if average is None else average.module  # the average's weights, as a GPT
+    given = raw_model if average is None else averaged  # the model the run evaluates and saves
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     step, tokens, elapsed_before, best_val_loss = 0, 0, 0.0, float("inf")
     # A budget's plan (steps, accumulation, warmup, decay) is fixed once and kept in last/ for resuming:
@@ -414,7 +425,9 @@ def _train_loop(
     plan = plan_steps(config, config.tokens, world_size) if config.tokens else None
     evaluated = False  # whether the evaluation due at `step` is done (a new run starts with one)
     if resume:
-        state = load_training_state(last_dir, raw_model, optimizers, device)
+        state = load_training_state(last_dir, raw_model, optimizers, device, averaged=averaged)
+        if average is not None:
+            average.n_averaged.fill_(state["ema_updates"])
         plan = state.get("plan") or plan
         if state.get("data_tokens") not in (None, meta["splits"]["train"]["tokens"]):
             raise SmallmError(
@@ -428,6 +441,8 @@ def _train_loop(
             scaler.load_state_dict(state["scaler"])
     if plan:
         config = dataclasses.replace(config, **plan)
+    if average is not None:
+        average.multi_avg_fn = get_ema_multi_avg_fn(ema_decay(config))
     accum = config.gradient_accumulation_steps // world_size  # micro-steps per rank
     model = torch.compile(raw_model) if config.compile else raw_model
     train_model = model
@@ -477,14 +492,18 @@ def _train_loop(
                 world_size=world_size,
                 plan=plan,
             )
-            save_training_state(last_dir, raw_model, optimizers, state, {"step": step}, tokenizer_file)
+            if average is not None:
+                state["ema_updates"] = int(average.n_averaged)
+            save_training_state(last_dir, raw_model, optimizers, state, {"step": step}, tokenizer_file,
+                                averaged=averaged)  # fmt: skip
         saved = (step, evaluated)
 
     def evaluate_and_checkpoint(step: int) -> dict:
         nonlocal best_val_loss, t_last, eval_seconds, eval_total
         t_eval = clock()
-        losses = estimate_loss(model, eval_readers, config.eval_iters, autocast, rank, world_size,
-                               check_stop=stop.check, progress=master and progress)  # fmt: skip
+        losses = estimate_loss(model if average is None else averaged, eval_readers, config.eval_iters,
+                               autocast, rank, world_size, check_stop=stop.check,
+                               progress=master and progress)  # fmt: skip
         val_loss, train_loss = losses["validation"], losses["train"]
         elapsed = elapsed_before + clock() - t_start
         log(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
@@ -499,7 +518,7 @@ def _train_loop(
             best_val_loss = val_loss
             if master:
                 extra = {"step": step, "val_loss": val_loss}
-                save_model(raw_model, best_dir, extra_config=extra, tokenizer_file=tokenizer_file)
+                save_model(given, best_dir, extra_config=extra, tokenizer_file=tokenizer_file)
         save_last(step, evaluated=True)
         if master:
             from smallm.plot import plot_losses
@@ -592,6 +611,8 @@ def _train_loop(
                 scaler.step(optimizer)
                 optimizer.zero_grad(set_to_none=True)
             scaler.update()
+            if average is not None:
+                average.update_parameters(raw_model)
             if config.time and not plan and (step > 0 or resume):  # timed for a time budget's plan
                 timed["micro"].append(t_optimizer - t_step)
                 timed["optimizer"].append(clock() - t_optimizer)
@@ -627,6 +648,8 @@ def _train_loop(
                 tokens_per_step = config.batch_size * config.block_size * accum * world_size
                 batches = train_batches(accum)
                 eval_readers = fixed_batches(config.batch_size)  # as a resumed run, which starts planned
+                if average is not None:
+                    average.multi_avg_fn = get_ema_multi_avg_fn(ema_decay(config))
                 bar.total = config.max_iters
                 end = datetime.fromtimestamp(t_begin + config.time - elapsed_before).strftime("%H:%M:%S")
                 if replanned:

@@ -71,6 +71,11 @@ class TrainConfig:
     beta1: float = _field(0.9, "AdamW beta1")
     beta2: float = _field(0.95, "AdamW beta2")
     grad_clip: float = _field(0.5, "clip the gradient norm to this (0 turns clipping off)")
+    ema: float = _field(
+        0.0,
+        "evaluate and save a moving average of the weights whose half-life is this fraction of the run's "
+        "steps (0.04: the last 4% of the steps weigh half); 0: the weights as trained",
+    )
     # schedule: linear warmup, then cosine (or stable, then linear: wsd) down to min_lr at lr_decay_iters
     schedule: str = _field("cosine", "cosine, or wsd (warmup, stable at the peak, linear decay at the end)")
     decay_frac: float = _field(0.2, "wsd: the share of the run spent decaying to min_lr")
@@ -126,6 +131,8 @@ class TrainConfig:
             raise SmallmError(f"muon_lr must be positive, got {self.muon_lr}")
         if not 0 <= self.muon_momentum < 1:
             raise SmallmError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0 <= self.ema < 1:
+            raise SmallmError(f"ema must be in [0, 1) (a fraction of the run's steps), got {self.ema}")
         if not 1 <= self.muon_ns_steps <= 99:
             raise SmallmError(f"muon_ns_steps must be in 1..99, got {self.muon_ns_steps}")
         nonnegative = ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "min_steps")
