@@ -3,7 +3,8 @@
 Both run the seed shape in one process on the same batches, alternating step by step (so load on the
 machine hits both alike): forward, backward, clip, optimizer step, zero_grad, in the dtype `--dtype auto`
 picks. Prints the median seconds per step, tokens/s, the ratio, and the optimizer step alone (Muon's
-Newton-Schulz iterations on the 24 block matrices against a fused AdamW update), plus peak RSS.
+Newton-Schulz iterations on the 24 block matrices against a fused AdamW update), plus peak RSS. The `fast`
+row is the preset's whole step: Muon + AdamW, then its moving average of the weights (`ema`) updated.
 
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py              # batch 4 x 128, as `fast`
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --batch-size 32
@@ -19,6 +20,7 @@ import statistics
 import time
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from smallm.model import GPT
 from smallm.train import build_config, configure_optimizers, pick_dtype
@@ -38,14 +40,18 @@ def main() -> None:
         torch.autocast("cpu", dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
     )
     runs = {}
-    variants = {"adamw": dict(optimizer="adamw")}
+    variants = {"adamw": dict(optimizer="adamw", ema=0.0)}
     for n in args.ns_steps.split(","):
-        variants["muon" if n == "5" else f"muon-ns{n}"] = dict(optimizer="muon", muon_ns_steps=int(n))
+        name = "muon" if n == "5" else f"muon-ns{n}"
+        variants[name] = dict(optimizer="muon", muon_ns_steps=int(n), ema=0.0)
+    variants["fast"] = {}
     for name, overrides in variants.items():
         config = build_config("fast", overrides=dict(overrides, batch_size=args.batch_size))
         torch.manual_seed(0)
         model = GPT(config.model_config())
-        runs[name] = dict(model=model, optimizers=configure_optimizers(model, config, "cpu"), step=[], opt=[])
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99)) if config.ema else None
+        runs[name] = dict(model=model, optimizers=configure_optimizers(model, config, "cpu"), average=average,
+                          step=[], opt=[])  # fmt: skip
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50257, (args.batch_size, 129), generator=g) for _ in range(4)]
 
@@ -61,6 +67,8 @@ def main() -> None:
             for optimizer in run["optimizers"]:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if run["average"] is not None:
+                run["average"].update_parameters(run["model"])
             t2 = time.perf_counter()
             if i >= 3:
                 run["step"].append(t2 - t0)
@@ -74,7 +82,7 @@ def main() -> None:
         step, opt = statistics.median(run["step"]), statistics.median(run["opt"])
         print(f"{name:9} {step:7.3f} s/step  {tokens / step:7.0f} tokens/s  ratio {base / step:5.2f}  "
               f"optimizer step {opt * 1000:6.1f} ms")  # fmt: skip
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (both models)")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (all models)")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ PRESETS = {
     "seed": {},
     # The seed model with the recipe that learned most per token on stories it never saw (bench/recipe.py,
     # bench/RESULTS.md): Muon for the blocks' matrices, 512-token steps for small budgets, no dropout,
-    # every window of the text once per epoch.
+    # every window of the text once per epoch, and a moving average of the weights as the model it gives.
     # With a budget: warmup 37 steps (at most a tenth of the run), cosine to 0.3 of the peak at the end,
     # and the tokens per step doubling (batch to 8, then accumulation) while the run keeps >= 512 steps.
     "fast": dict(
@@ -195,6 +195,7 @@ PRESETS = {
         beta1=0.8,
         beta2=0.999,
         grad_clip=1.0,
+        ema=0.036,  # evaluate and save a moving average of the weights, half-life 3.6% of the run's steps
         schedule="cosine",
         warmup_iters=37,
         eval_interval=200,
