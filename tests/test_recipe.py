@@ -266,7 +266,7 @@ def test_fast_preset_is_the_seed_model_with_its_documented_recipe():
         assert getattr(fast, name) == getattr(seed, name)  # checkpoints, export and serving unchanged
     documented = dict(
         dropout=0.0, batch_size=4, gradient_accumulation_steps=1, optimizer="muon", grad_clip=1.0, beta1=0.8,
-        beta2=0.999, muon_lr=3e-3, muon_momentum=0.9, learning_rate=2e-3, min_lr=6e-4, sampling="epoch",
+        beta2=0.999, muon_lr=4.5e-3, muon_momentum=0.9, learning_rate=3e-3, min_lr=9e-4, sampling="epoch",
         min_steps=512, max_batch_size=8, ema=0.036,
     )  # fmt: skip
     assert {k: getattr(fast, k) for k in documented} == documented
