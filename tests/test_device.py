@@ -7,7 +7,7 @@ import torch
 import smallm.device
 from smallm import GPT
 from smallm.cli import main
-from smallm.device import cpu_bf16_flag, peak_flops_of, pick_device, pick_dtype
+from smallm.device import cpu_bf16_flag, peak_flops_of, pick_device, pick_dtype, pick_ns_dtype
 from smallm.errors import SmallmError
 from smallm.generate import load_for_inference
 from smallm.model import autocast_dtype
@@ -56,6 +56,21 @@ def test_auto_on_cuda_reads_the_capability_of_the_gpu_in_use_not_is_bf16_support
     assert pick_dtype("bfloat16", CUDA0) == ("bfloat16", "asked for")
     monkeypatch.setattr(torch.version, "hip", "6.2.41133")  # ROCm: bf16 on the GPUs it supports
     assert pick_dtype("auto", CUDA0) == ("bfloat16", "auto: ROCm GPU")
+
+
+def test_muon_newton_schulz_is_bf16_only_where_bf16_is_native(monkeypatch):
+    monkeypatch.setattr(smallm.device, "cpu_bf16_flag", lambda: None)  # an AVX2-only CPU
+    assert pick_ns_dtype("auto", CPU) == ("float32", "auto: the CPU has neither amx_bf16 nor avx512_bf16")
+    assert pick_ns_dtype("bfloat16", CPU) == ("bfloat16", "asked for")
+    monkeypatch.setattr(smallm.device, "cpu_bf16_flag", lambda: "avx512_bf16")
+    assert pick_ns_dtype("auto", CPU) == ("bfloat16", "auto: the CPU has avx512_bf16")
+    assert pick_ns_dtype("float32", CPU) == ("float32", "asked for")
+    capabilities = {0: (7, 5), 1: (8, 6)}  # a T4: fp16 autocast, but fp32 Newton-Schulz; an A10
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capabilities[device.index])
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert pick_ns_dtype("auto", CUDA0) == ("float32", "auto: compute capability 7.5 < 8.0 has no bf16")
+    assert pick_ns_dtype("auto", CUDA1)[0] == "bfloat16"
+    assert pick_ns_dtype("auto", MPS) == ("float32", "auto: mps")
 
 
 def test_mps_dtypes_follow_the_torch_version(monkeypatch):

@@ -11,10 +11,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import smallm.device
 import smallm.train
 from smallm.cli import main
 from smallm.errors import SmallmError
 from smallm.model import GPT
+from smallm.muon import Muon, newton_schulz
 from smallm.train import (
     TrainConfig,
     build_config,
@@ -229,6 +231,48 @@ def test_muon_settings_reach_torch_muon_and_bad_ones_are_refused(small_config):
     assert (muon.defaults["momentum"], muon.defaults["ns_steps"]) == (0.9, 3)
     with pytest.raises(SmallmError, match="muon_ns_steps must be in 1..99"):
         TrainConfig(muon_ns_steps=0)
+
+
+def test_smallm_muon_in_bf16_is_torch_muon_bit_for_bit_and_fp32_is_the_same_update_finer():
+    # smallm.muon redoes torch.optim.Muon's step with a choice of Newton-Schulz dtype: in bf16 it must be
+    # torch's own arithmetic (which it replaces everywhere), in fp32 the same update without bf16's rounding
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (32, 32)]  # tall, wide and square: the tall ones are transposed
+    start = [torch.randn(shape) for shape in shapes]
+    grads = [[torch.randn(shape) for shape in shapes] for _ in range(3)]
+    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+
+    def run(make):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        return params, optimizer
+
+    theirs, torch_muon = run(lambda ps: torch.optim.Muon(ps, **settings))
+    ours, smallm_muon = run(lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **settings))
+    fine, _ = run(lambda ps: Muon(ps, ns_dtype=torch.float32, **settings))
+    for a, b, c, w in zip(theirs, ours, fine, start, strict=True):
+        assert torch.equal(a, b)
+        moved, apart = (a - w).norm(), (c - a).norm()
+        assert moved > 0.1 and 0 < apart < 0.05 * moved  # the same step, bf16's rounding aside
+    for a, b in zip(theirs, ours, strict=True):  # the same state, so checkpoints move between the two
+        assert torch.equal(torch_muon.state[a]["momentum_buffer"], smallm_muon.state[b]["momentum_buffer"])
+    orthogonal = newton_schulz(torch.randn(64, 16), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+    singular = torch.linalg.svdvals(orthogonal)
+    assert orthogonal.dtype == torch.float32 and singular.min() > 0.5 and singular.max() < 1.5
+
+
+def test_muon_newton_schulz_dtype_follows_the_setting(small_config, monkeypatch):
+    monkeypatch.setattr(smallm.device, "cpu_bf16_flag", lambda: None)  # a CPU that emulates bf16
+    _, muon = configure_optimizers(GPT(small_config), TrainConfig(optimizer="muon"), "cpu")
+    assert isinstance(muon, torch.optim.Muon) and muon.ns_dtype == torch.float32
+    config = TrainConfig(optimizer="muon", muon_ns_dtype="bfloat16")
+    assert configure_optimizers(GPT(small_config), config, "cpu")[1].ns_dtype == torch.bfloat16
+    with pytest.raises(SmallmError, match="muon_ns_dtype must be auto, bfloat16 or float32, got 'fp8'"):
+        TrainConfig(muon_ns_dtype="fp8")
 
 
 def test_adamw_alone_is_one_optimizer_with_every_parameter(small_config):

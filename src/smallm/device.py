@@ -11,6 +11,9 @@ GPU's compute capability, torch's version), so tests can inject the facts of mac
 | CUDA below 8.0 (T4, V100) | fp16 autocast + GradScaler | fp16 tensor cores; bf16 is emulated there |
 | MPS | fp32 | bf16 autocast needs torch >= 2.6 and was not measured here |
 
+Muon's Newton-Schulz iterations (`--muon-ns-dtype auto`, `pick_ns_dtype`) follow the same facts: bf16 where
+it is native, fp32 wherever the table above says bf16 is emulated, and on MPS.
+
 `torch.cuda.is_bf16_supported()` is not used: since torch 2.3 it also says True where bf16 is emulated.
 """
 
@@ -103,6 +106,24 @@ def pick_device(requested: str = "auto", local_rank: int = 0, distributed: bool 
     return torch.device(requested)
 
 
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether this CPU or GPU multiplies bf16 natively (else it is emulated: slower than fp32), and the fact
+    that says so."""
+    if device.type == "cuda":
+        if torch.version.hip:
+            return True, "ROCm GPU"
+        major, minor = cuda_capability(device)
+        if major >= 8:
+            return True, f"compute capability {major}.{minor} has bf16 tensor cores"
+        return False, f"compute capability {major}.{minor} < 8.0 has no bf16"
+    if device.type == "cpu":
+        flag = cpu_bf16_flag()
+        if flag:
+            return True, f"the CPU has {flag}"
+        return False, "the CPU has neither amx_bf16 nor avx512_bf16"
+    return False, device.type
+
+
 def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
     """The autocast dtype ("float32", "bfloat16" or "float16": fp16 trains with a GradScaler) and why;
     see the table at the top of this module. An explicit dtype is kept, unless the device cannot run it."""
@@ -110,19 +131,22 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
         return _mps_dtype(requested)
     if requested != "auto":
         return requested, "asked for"
+    native, why = native_bf16(device)
+    if native:
+        return "bfloat16", f"auto: {why}"
     if device.type == "cuda":
-        if torch.version.hip:
-            return "bfloat16", "auto: ROCm GPU"
-        major, minor = cuda_capability(device)
-        if major >= 8:
-            return "bfloat16", f"auto: compute capability {major}.{minor} has bf16 tensor cores"
-        return "float16", f"auto: compute capability {major}.{minor} < 8.0 has no bf16; fp16 + grad scaler"
-    if device.type == "cpu":
-        flag = cpu_bf16_flag()
-        if flag:
-            return "bfloat16", f"auto: the CPU has {flag}"
-        return "float32", "auto: the CPU has neither amx_bf16 nor avx512_bf16"
-    return "float32", f"auto: {device.type}"
+        return "float16", f"auto: {why}; fp16 + grad scaler"
+    return "float32", f"auto: {why}"
+
+
+def pick_ns_dtype(requested: str, device: torch.device) -> tuple[str, str]:
+    """The dtype of Muon's Newton-Schulz iterations and why: bfloat16 (torch's choice, and fast) where the
+    hardware multiplies bf16 natively, float32 where bf16 is emulated (bench/RESULTS.md: 18x slower than
+    fp32 on an AVX2-only CPU) and on MPS. Unlike autocast it does not follow --dtype: it is only speed."""
+    if requested != "auto":
+        return requested, "asked for"
+    native, why = native_bf16(device)
+    return ("bfloat16" if native else "float32"), f"auto: {why}"
 
 
 def inference_dtype(requested: str) -> str:

@@ -37,10 +37,11 @@ from smallm.checkpoint import (
     writing,
 )
 from smallm.data import Batches, read_meta
-from smallm.device import peak_flops, pick_device, pick_dtype
+from smallm.device import peak_flops, pick_device, pick_dtype, pick_ns_dtype
 from smallm.errors import SmallmError, WriteFailed
 from smallm.generate import resolve_checkpoint
 from smallm.model import GPT
+from smallm.muon import Muon
 from smallm.tokenizer import TOKENIZER_FILE, check_same_tokenizer
 from smallm.train_config import (  # noqa: F401  (re-exported: smallm.train.TrainConfig etc.)
     FIELDS,
@@ -80,20 +81,23 @@ def get_lr(step: int, config: TrainConfig) -> float:
     return config.min_lr + coeff * (config.learning_rate - config.min_lr)
 
 
-def configure_optimizers(model: torch.nn.Module, config: TrainConfig, device_type: str) -> list:
+def configure_optimizers(model: torch.nn.Module, config: TrainConfig, device: torch.device | str) -> list:
     """The optimizers, AdamW first (set_lr gives each its rate for a step).
 
     adamw: AdamW for everything, weight decay on matrices (>= 2-D: Linear weights, embeddings) and none on
     biases and LayerNorm gains; PyTorch's fused kernel on CUDA and CPU.
     muon: torch.optim.Muon for the blocks' 2-D matrices (attention and MLP weights), which it updates with
-    orthogonalized momentum; AdamW, as above, for the embeddings (and so the tied head), gains and biases.
+    orthogonalized momentum, its Newton-Schulz iterations in pick_ns_dtype's dtype (smallm.muon); AdamW, as
+    above, for the embeddings (and so the tied head), gains and biases.
     """
+    device = torch.device(device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the tied head counted once
     optimizers = []
     if config.optimizer == "muon":
         hidden = [p for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")]
-        muon = torch.optim.Muon(
+        muon = Muon(
             hidden,
+            ns_dtype=getattr(torch, pick_ns_dtype(config.muon_ns_dtype, device)[0]),
             lr=config.muon_lr,
             weight_decay=config.weight_decay,
             momentum=config.muon_momentum,
@@ -109,7 +113,7 @@ def configure_optimizers(model: torch.nn.Module, config: TrainConfig, device_typ
     ]
     betas = (config.beta1, config.beta2)
     # One fused kernel instead of a loop over tensors: on CUDA, and on CPU, where it is ~5x faster here.
-    fused = device_type in ("cuda", "cpu")
+    fused = device.type in ("cuda", "cpu")
     optimizers.insert(0, torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused))
     return optimizers
 
@@ -412,7 +416,7 @@ def _train_loop(
     raw_model = GPT(config.model_config(meta.get("vocab_size", 50257))).to(device)
     if config.init_from is not None and not resume:
         init_weights(raw_model, config.init_from)
-    optimizers = configure_optimizers(raw_model, config, device_type)
+    optimizers = configure_optimizers(raw_model, config, device)
     # --ema: evaluations, best/ and last/'s model are a moving average of the weights (torch's AveragedModel,
     # a copy of the model); its decay follows the plan's length, so it is set once the plan is known
     average = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(0.0)) if config.ema else None
@@ -538,6 +542,9 @@ def _train_loop(
         log(f"{'resuming' if resume else 'training'} {n / 1e6:.1f}M parameters in {out_dir} on {device}, "
             f"dtype {dtype} ({dtype_reason}), {world_size} process{'es' if world_size > 1 else ''}, "
             f"{tokens_per_step:,} tokens/step, steps {step}..{last_step}")  # fmt: skip
+        if config.optimizer == "muon":
+            ns_dtype, ns_reason = pick_ns_dtype(config.muon_ns_dtype, device)
+            log(f"Muon: {config.muon_ns_steps} Newton-Schulz iterations per step in {ns_dtype} ({ns_reason})")
         if config.tokens and not resume:
             log(f"plan: {config.tokens:,} tokens = {config.max_iters:,} steps of {tokens_per_step:,} tokens, "
                 f"{config.schedule} schedule, warmup {config.warmup_iters} steps")  # fmt: skip

@@ -1,0 +1,73 @@
+"""torch.optim.Muon with its Newton-Schulz iterations in a dtype we choose.
+
+torch's Muon orthogonalizes every update in bfloat16, hard-coded (`_zeropower_via_newtonschulz` casts to
+bf16, and the class takes no dtype). That is the fast choice where bf16 matmuls are native (GPUs from
+Ampere, CPUs with AMX-BF16 or AVX512-BF16), and a trap elsewhere: on a 2-core AMD EPYC with AVX2 only, a
+bf16 matmul of the MLP's shape ran 18x slower than in fp32, and the Newton-Schulz iterations of one `fast`
+step took ~23 s against ~0.8 s in fp32 (bench/RESULTS.md, "Muon on a CPU without bf16").
+
+torch offers no hook for it, so this subclass keeps torch's Muon (arguments, checks, param groups, state
+and state_dict: checkpoints move between the two) and redoes only `step`, the same arithmetic in
+`ns_dtype`. tests/test_recipe.py checks that in bf16 it matches torch.optim.Muon bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def newton_schulz(grad: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype):
+    """Keller Jordan's quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix (U V^T of
+    grad's SVD, singular values landing in ~[0.5, 1.5]), as torch runs it, in `dtype`."""
+    a, b, c = coefficients
+    x = grad.to(dtype)
+    tall = grad.size(0) > grad.size(1)
+    if tall:  # iterate on the wide orientation: the Gram matrix is the smaller square
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch's per-matrix rate factor: "match_rms_adamw" 0.2 sqrt(max(A, B)) (an update of AdamW's RMS);
+    None or "original" sqrt(max(1, A / B))."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon whose Newton-Schulz iterations run in `ns_dtype` (torch: always bfloat16)."""
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)  # fmt: skip
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * lr_scale(group["adjust_lr_fn"], p.shape))
+        return loss
