@@ -9,6 +9,10 @@ row is the preset's whole step: Muon + AdamW, then its moving average of the wei
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py              # batch 4 x 128, as `fast`
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --batch-size 32
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-steps 5,3   # fewer NS iterations
+    flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-dtypes float32,bfloat16   # NS dtype
+
+Muon's Newton-Schulz iterations run in the dtype `--muon-ns-dtype auto` picks for this CPU (bf16 with native
+bf16, else fp32); `--ns-dtypes` adds a row per dtype asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from smallm.device import pick_ns_dtype
 from smallm.model import GPT
 from smallm.train import build_config, configure_optimizers, pick_dtype
 
@@ -33,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per optimizer (after 3 warm-up)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--ns-steps", default="5", help="comma-separated Newton-Schulz counts")
+    parser.add_argument("--ns-dtypes", default="auto", help="comma-separated: auto, bfloat16, float32")
     args = parser.parse_args()
 
     dtype, why = pick_dtype(args.dtype, torch.device("cpu"))
@@ -42,8 +48,9 @@ def main() -> None:
     runs = {}
     variants = {"adamw": dict(optimizer="adamw", ema=0.0)}
     for n in args.ns_steps.split(","):
-        name = "muon" if n == "5" else f"muon-ns{n}"
-        variants[name] = dict(optimizer="muon", muon_ns_steps=int(n), ema=0.0)
+        for ns_dtype in args.ns_dtypes.split(","):
+            name = "muon" + ("" if n == "5" else f"-ns{n}") + ("" if ns_dtype == "auto" else f"-{ns_dtype}")
+            variants[name] = dict(optimizer="muon", muon_ns_steps=int(n), muon_ns_dtype=ns_dtype, ema=0.0)
     variants["fast"] = {}
     for name, overrides in variants.items():
         config = build_config("fast", overrides=dict(overrides, batch_size=args.batch_size))
@@ -75,12 +82,14 @@ def main() -> None:
                 run["opt"].append(t2 - t1)
 
     tokens = args.batch_size * 128
-    print(f"seed shape, batch {args.batch_size} x 128, dtype {dtype} ({why}), "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")  # fmt: skip
+    ns_dtype, ns_why = pick_ns_dtype("auto", torch.device("cpu"))
+    print(f"seed shape, batch {args.batch_size} x 128, dtype {dtype} ({why}), Newton-Schulz in "
+          f"{ns_dtype} unless named ({ns_why}), {torch.get_num_threads()} threads, "
+          f"median of {args.steps} steps")  # fmt: skip
     base = statistics.median(runs["adamw"]["step"])
     for name, run in runs.items():
         step, opt = statistics.median(run["step"]), statistics.median(run["opt"])
-        print(f"{name:9} {step:7.3f} s/step  {tokens / step:7.0f} tokens/s  ratio {base / step:5.2f}  "
+        print(f"{name:16} {step:7.3f} s/step  {tokens / step:7.0f} tokens/s  ratio {base / step:5.2f}  "
               f"optimizer step {opt * 1000:6.1f} ms")  # fmt: skip
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (all models)")
 
