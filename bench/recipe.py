@@ -38,6 +38,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from smallm.errors import SmallmError
 from smallm.plot import read_metrics
 from smallm.train_config import build_config, parse_tokens, plan_steps
 
@@ -97,11 +98,19 @@ def cpu_name() -> str:
     return "unknown"
 
 
+def smallm(*args: str) -> str:
+    """Run `smallm ARGS...` and return its stdout; if it fails, stop with its last lines of stderr (its
+    one-line error), not a traceback of this script that hides them."""
+    result = subprocess.run([sys.executable, "-m", "smallm", *args], capture_output=True, text=True)
+    if result.returncode:
+        tail = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()][-3:]
+        sys.exit(f"smallm {args[0]} {args[1]} failed (exit {result.returncode}): " + " | ".join(tail))
+    return result.stdout
+
+
 def evaluate(run: Path, data: Path) -> dict:
     """`smallm eval` over every token of DATA's validation split: {val_loss, bits_per_byte, tokens, ...}."""
-    result = subprocess.run([sys.executable, "-m", "smallm", "eval", str(run), "--data", str(data)],
-                            check=True, capture_output=True, text=True)  # fmt: skip
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(smallm("eval", str(run), "--data", str(data)).strip().splitlines()[-1])
 
 
 def run_one(name, preset, overrides, tokens, seed, data, out, lock, train_dir) -> dict:
@@ -112,13 +121,12 @@ def run_one(name, preset, overrides, tokens, seed, data, out, lock, train_dir) -
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
     run = out / "runs" / f"{name}-{tokens}-s{seed}"
     shutil.rmtree(run, ignore_errors=True)
-    smallm = [sys.executable, "-m", "smallm"]
-    train = [*smallm, "train", "--data", str(data), "--out", str(run), "--preset", preset, f"--seed={seed}",
+    train = ["train", "--data", str(data), "--out", str(run), "--preset", preset, f"--seed={seed}",
              f"--tokens={tokens}", f"--eval-interval={max(1, steps // 6)}", f"--eval-iters={eval_iters}",
              *flags]  # fmt: skip
     with locked(lock):
         t0 = time.time()
-        subprocess.run(train, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        smallm(*train)
         wall = time.time() - t0
     evaluation = evaluate(run / "last", data)
     splits = json.loads((train_dir / "meta.json").read_text())["splits"]
@@ -211,6 +219,11 @@ def main() -> None:
     done = [r for r in done if all(r.get(k) == v for k, v in source.items())]
     recipes = [parse_recipe(r) for r in args.recipe]
     budgets = [parse_tokens(t) for t in args.tokens.split(",")]
+    for name, preset, overrides in recipes:  # a bad field or value stops here, before hours of runs
+        try:
+            build_config(preset, overrides=overrides)
+        except SmallmError as e:
+            sys.exit(f"recipe {name!r}: {e}")
     seeds = [int(s) for s in args.seeds.split(",")]
     for tokens in budgets:
         for name, preset, overrides in recipes:
