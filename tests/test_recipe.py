@@ -233,14 +233,16 @@ def test_muon_settings_reach_torch_muon_and_bad_ones_are_refused(small_config):
         TrainConfig(muon_ns_steps=0)
 
 
-def test_smallm_muon_in_bf16_is_torch_muon_bit_for_bit_and_fp32_is_the_same_update_finer():
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_smallm_muon_in_bf16_is_torch_muon_bit_for_bit_and_fp32_is_the_same_update_finer(nesterov):
     # smallm.muon redoes torch.optim.Muon's step with a choice of Newton-Schulz dtype: in bf16 it must be
     # torch's own arithmetic (which it replaces everywhere), in fp32 the same update without bf16's rounding
     torch.manual_seed(0)
     shapes = [(48, 16), (16, 48), (32, 32)]  # tall, wide and square: the tall ones are transposed
     start = [torch.randn(shape) for shape in shapes]
     grads = [[torch.randn(shape) for shape in shapes] for _ in range(3)]
-    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov)
+    settings["adjust_lr_fn"] = "match_rms_adamw"
 
     def run(make):
         params = [torch.nn.Parameter(w.clone()) for w in start]
@@ -253,13 +255,15 @@ def test_smallm_muon_in_bf16_is_torch_muon_bit_for_bit_and_fp32_is_the_same_upda
 
     theirs, torch_muon = run(lambda ps: torch.optim.Muon(ps, **settings))
     ours, smallm_muon = run(lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **settings))
-    fine, _ = run(lambda ps: Muon(ps, ns_dtype=torch.float32, **settings))
+    fine, fine_muon = run(lambda ps: Muon(ps, ns_dtype=torch.float32, **settings))
     for a, b, c, w in zip(theirs, ours, fine, start, strict=True):
         assert torch.equal(a, b)
         moved, apart = (a - w).norm(), (c - a).norm()
         assert moved > 0.1 and 0 < apart < 0.05 * moved  # the same step, bf16's rounding aside
-    for a, b in zip(theirs, ours, strict=True):  # the same state, so checkpoints move between the two
+    for a, b, c in zip(theirs, ours, fine, strict=True):  # the same state: checkpoints move between them
         assert torch.equal(torch_muon.state[a]["momentum_buffer"], smallm_muon.state[b]["momentum_buffer"])
+        # the momentum is the gradients' alone, whatever dtype the iterations ran in (nor scaled by them)
+        assert torch.equal(torch_muon.state[a]["momentum_buffer"], fine_muon.state[c]["momentum_buffer"])
     orthogonal = newton_schulz(torch.randn(64, 16), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
     singular = torch.linalg.svdvals(orthogonal)
     assert orthogonal.dtype == torch.float32 and singular.min() > 0.5 and singular.max() < 1.5

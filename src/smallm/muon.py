@@ -3,8 +3,8 @@
 torch's Muon orthogonalizes every update in bfloat16, hard-coded (`_zeropower_via_newtonschulz` casts to
 bf16, and the class takes no dtype). That is the fast choice where bf16 matmuls are native (GPUs from
 Ampere, CPUs with AMX-BF16 or AVX512-BF16), and a trap elsewhere: on a 2-core AMD EPYC with AVX2 only, a
-bf16 matmul of the MLP's shape ran 18x slower than in fp32, and the Newton-Schulz iterations of one `fast`
-step took ~23 s against ~0.8 s in fp32 (bench/RESULTS.md, "Muon on a CPU without bf16").
+bf16 matmul of the MLP's shape ran 18x slower than in fp32, and Muon's optimizer step at `fast`'s 4 x 128
+took 33.4 s against 0.75 s in fp32 (bench/RESULTS.md, "Muon on a CPU without bf16").
 
 torch offers no hook for it, so this subclass keeps torch's Muon (arguments, checks, param groups, state
 and state_dict: checkpoints move between the two) and redoes only `step`, the same arithmetic in
@@ -22,7 +22,7 @@ def newton_schulz(grad: torch.Tensor, coefficients, steps: int, eps: float, dtyp
     """Keller Jordan's quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix (U V^T of
     grad's SVD, singular values landing in ~[0.5, 1.5]), as torch runs it, in `dtype`."""
     a, b, c = coefficients
-    x = grad.to(dtype)
+    x = grad.to(dtype, copy=True)  # a copy even in grad's own dtype: the iterations work in place
     tall = grad.size(0) > grad.size(1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller square
         x = x.T
