@@ -10,9 +10,11 @@ row is the preset's whole step: Muon + AdamW, then its moving average of the wei
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --batch-size 32
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-steps 5,3   # fewer NS iterations
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-dtypes float32,bfloat16   # NS dtype
+    flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-forms auto,standard   # the Gram form
 
 Muon's Newton-Schulz iterations run in the dtype `--muon-ns-dtype auto` picks for this CPU (bf16 with native
-bf16, else fp32); `--ns-dtypes` adds a row per dtype asked for.
+bf16, else fp32), in fp32 in the Gram form on the rectangular matrices (smallm.muon.gram_newton_schulz);
+`--ns-dtypes` and `--ns-forms` add a row per dtype and form asked for.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--ns-steps", default="5", help="comma-separated Newton-Schulz counts")
     parser.add_argument("--ns-dtypes", default="auto", help="comma-separated: auto, bfloat16, float32")
+    parser.add_argument("--ns-forms", default="auto", help="comma-separated: auto, standard (never the Gram "
+                        "form), gram (always, where the matrix is not square)")  # fmt: skip
     args = parser.parse_args()
 
     dtype, why = pick_dtype(args.dtype, torch.device("cpu"))
@@ -47,18 +51,26 @@ def main() -> None:
     )
     runs = {}
     variants = {"adamw": dict(optimizer="adamw", ema=0.0)}
+    forms = {"auto": None, "standard": False, "gram": True}
     for n in args.ns_steps.split(","):
         for ns_dtype in args.ns_dtypes.split(","):
-            name = "muon" + ("" if n == "5" else f"-ns{n}") + ("" if ns_dtype == "auto" else f"-{ns_dtype}")
-            variants[name] = dict(optimizer="muon", muon_ns_steps=int(n), muon_ns_dtype=ns_dtype, ema=0.0)
+            for form in args.ns_forms.split(","):
+                name = "muon" + ("" if n == "5" else f"-ns{n}")
+                name += "" if ns_dtype == "auto" else f"-{ns_dtype}"
+                name += "" if form == "auto" else f"-{form}"
+                variants[name] = dict(optimizer="muon", muon_ns_steps=int(n), muon_ns_dtype=ns_dtype, ema=0.0,
+                                      gram=forms[form])  # fmt: skip
     variants["fast"] = {}
     for name, overrides in variants.items():
+        gram = overrides.pop("gram", None)
         config = build_config("fast", overrides=dict(overrides, batch_size=args.batch_size))
         torch.manual_seed(0)
         model = GPT(config.model_config())
         average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99)) if config.ema else None
-        runs[name] = dict(model=model, optimizers=configure_optimizers(model, config, "cpu"), average=average,
-                          step=[], opt=[])  # fmt: skip
+        optimizers = configure_optimizers(model, config, "cpu")
+        for optimizer in optimizers:
+            optimizer.gram = gram  # Muon's Newton-Schulz form (AdamW ignores it)
+        runs[name] = dict(model=model, optimizers=optimizers, average=average, step=[], opt=[])
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50257, (args.batch_size, 129), generator=g) for _ in range(4)]
 

@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 import smallm.device
+import smallm.muon
 import smallm.train
 from smallm.cli import main
 from smallm.errors import SmallmError
@@ -421,3 +422,26 @@ def test_resume_with_ema_matches_an_uninterrupted_run(data_dir, tmp_path, monkey
     for name in ("model.safetensors", "trained.safetensors"):
         a, b = (load_file(str(tmp_path / run / "last" / name)) for run in ("whole", "split"))
         assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a), name
+
+
+def test_gram_newton_schulz_is_the_same_iteration_and_runs_only_where_it_pays(monkeypatch):
+    # The Gram form reorders torch's iteration into m x m products: in fp64 the two agree to rounding, and
+    # in fp32 it stays close to fp64 even on an ill-conditioned matrix (singular values from 1 to 1e-6)
+    torch.manual_seed(0)
+    coefficients = (3.4445, -4.7750, 2.0315)
+    u, _ = torch.linalg.qr(torch.randn(96, 32, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+    tall = (u * torch.logspace(0, -6, 32, dtype=torch.float64)) @ v.T  # 96 x 32, iterated as 32 x 96
+    exact = newton_schulz(tall, coefficients, 5, 1e-7, torch.float64, gram=False)
+    assert (newton_schulz(tall, coefficients, 5, 1e-7, torch.float64, gram=True) - exact).abs().max() < 1e-9
+    fine = newton_schulz(tall.float(), coefficients, 5, 1e-7, torch.float32, gram=True)
+    assert fine.dtype == torch.float32 and (fine.double() - exact).norm() < 1e-3 * exact.norm()
+    one_step = [newton_schulz(tall, coefficients, 1, 1e-7, torch.float64, gram=g) for g in (True, False)]
+    assert (one_step[0] - one_step[1]).abs().max() < 1e-9
+
+    calls = []
+    monkeypatch.setattr(smallm.muon, "gram_newton_schulz", lambda x, *a: calls.append(tuple(x.shape)) or x)
+    for shape in [(96, 32), (32, 64), (40, 64), (32, 32)]:
+        newton_schulz(torch.randn(shape), coefficients, 5, 1e-7, torch.float32)
+        newton_schulz(torch.randn(shape), coefficients, 5, 1e-7, torch.bfloat16)
+    assert calls == [(32, 96), (32, 64)]  # fp32 and at least twice as wide as tall; bf16 stays torch's
