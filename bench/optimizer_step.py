@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--ns-steps", default="5", help="comma-separated Newton-Schulz counts")
     parser.add_argument("--ns-dtypes", default="auto", help="comma-separated: auto, bfloat16, float32")
     parser.add_argument("--ns-forms", default="auto", help="comma-separated: auto, standard (never the Gram "
-                        "form), gram (always, where the matrix is not square)")  # fmt: skip
+                        "form), gram (on every matrix, square ones too)")  # fmt: skip
     args = parser.parse_args()
 
     dtype, why = pick_dtype(args.dtype, torch.device("cpu"))

@@ -51,10 +51,11 @@ def gram_newton_schulz(x: torch.Tensor, coefficients, steps: int) -> torch.Tenso
     matrix is G_{k+1} = p(G_k) G_k p(G_k). So one m x m x n product makes G0, one more applies Q at the end,
     and the steps between are m x m products: 4 m^2 n + 2 m^3 (4 steps - 3) FLOPs against torch's
     steps (4 m^2 n + 2 m^3), 0.66x at 5 steps for the attention's 384 x 1152 and 0.56x for the MLP's
-    384 x 1536 (bench/newton_schulz.py times it). The Gram matrix squares the condition number, so this
-    wants fp32 or finer: there it lands within ~1e-4 of an fp64 run (torch's bf16 iteration: ~1e-2), and
-    in bf16 it drifts twice as far as torch's own (Amsel, Chen and Dao's "Gram Newton-Schulz", 2026,
-    restart it for half precision; we only run it in fp32). torch has no such routine, hence our own.
+    384 x 1536 (`bench/optimizer_step.py --ns-forms auto,standard` times the step). The Gram matrix squares
+    the condition number, so this wants fp32 or finer: there it lands within ~1e-4 of an fp64 run (torch's
+    bf16 iteration: ~1e-2), and in bf16 it drifts twice as far as torch's own (the Dao AI Lab's
+    "Gram Newton-Schulz", 2026, restarts it for half precision; we only run it in fp32). torch has no such
+    routine, hence our own.
     """
     a, b, c = coefficients
     g, q = x @ x.T, None
