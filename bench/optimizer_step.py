@@ -30,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from smallm.device import pick_ns_dtype
 from smallm.model import GPT
+from smallm.muon import Muon
 from smallm.train import build_config, configure_optimizers, pick_dtype
 
 
@@ -69,7 +70,8 @@ def main() -> None:
         average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99)) if config.ema else None
         optimizers = configure_optimizers(model, config, "cpu")
         for optimizer in optimizers:
-            optimizer.gram = gram  # Muon's Newton-Schulz form (AdamW ignores it)
+            if isinstance(optimizer, Muon):
+                optimizer.gram = gram  # the Newton-Schulz form
         runs[name] = dict(model=model, optimizers=optimizers, average=average, step=[], opt=[])
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50257, (args.batch_size, 129), generator=g) for _ in range(4)]
