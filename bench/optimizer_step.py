@@ -10,10 +10,10 @@ row is the preset's whole step: Muon + AdamW, then its moving average of the wei
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --batch-size 32
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-steps 5,3   # fewer NS iterations
     flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-dtypes float32,bfloat16   # NS dtype
-    flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-forms auto,standard   # the Gram form
+    flock /tmp/smallm-bench.lock python bench/optimizer_step.py --ns-forms auto,standard,gram   # NS forms
 
 Muon's Newton-Schulz iterations run in the dtype `--muon-ns-dtype auto` picks for this CPU (bf16 with native
-bf16, else fp32), in fp32 in the Gram form on the rectangular matrices (smallm.muon.gram_newton_schulz);
+bf16, else fp32), in fp32 through the Gram matrix's eigendecomposition (smallm.muon.pick_form);
 `--ns-dtypes` and `--ns-forms` add a row per dtype and form asked for.
 """
 
@@ -42,8 +42,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--ns-steps", default="5", help="comma-separated Newton-Schulz counts")
     parser.add_argument("--ns-dtypes", default="auto", help="comma-separated: auto, bfloat16, float32")
-    parser.add_argument("--ns-forms", default="auto", help="comma-separated: auto, standard (never the Gram "
-                        "form), gram (on every matrix, square ones too)")  # fmt: skip
+    parser.add_argument("--ns-forms", default="auto", help="comma-separated: auto (smallm.muon.pick_form's), "
+                        "standard (torch's arithmetic), gram, eigh (on every matrix)")  # fmt: skip
     args = parser.parse_args()
 
     dtype, why = pick_dtype(args.dtype, torch.device("cpu"))
@@ -52,7 +52,6 @@ def main() -> None:
     )
     runs = {}
     variants = {"adamw": dict(optimizer="adamw", ema=0.0)}
-    forms = {"auto": None, "standard": False, "gram": True}
     for n in args.ns_steps.split(","):
         for ns_dtype in args.ns_dtypes.split(","):
             for form in args.ns_forms.split(","):
@@ -60,10 +59,10 @@ def main() -> None:
                 name += "" if ns_dtype == "auto" else f"-{ns_dtype}"
                 name += "" if form == "auto" else f"-{form}"
                 variants[name] = dict(optimizer="muon", muon_ns_steps=int(n), muon_ns_dtype=ns_dtype, ema=0.0,
-                                      gram=forms[form])  # fmt: skip
+                                      ns_form=None if form == "auto" else form)  # fmt: skip
     variants["fast"] = {}
     for name, overrides in variants.items():
-        gram = overrides.pop("gram", None)
+        ns_form = overrides.pop("ns_form", None)
         config = build_config("fast", overrides=dict(overrides, batch_size=args.batch_size))
         torch.manual_seed(0)
         model = GPT(config.model_config())
@@ -71,7 +70,7 @@ def main() -> None:
         optimizers = configure_optimizers(model, config, "cpu")
         for optimizer in optimizers:
             if isinstance(optimizer, Muon):
-                optimizer.gram = gram  # the Newton-Schulz form
+                optimizer.ns_form = ns_form
         runs[name] = dict(model=model, optimizers=optimizers, average=average, step=[], opt=[])
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50257, (args.batch_size, 129), generator=g) for _ in range(4)]
