@@ -436,7 +436,8 @@ def test_reordered_newton_schulz_is_the_same_iteration(form, fp32_error):
     tall = (u * torch.logspace(0, -6, 32, dtype=torch.float64)) @ v.T  # 96 x 32, iterated as 32 x 96
     for steps in (5, 1):
         exact = newton_schulz(tall, coefficients, steps, 1e-7, torch.float64, form="standard")
-        assert (newton_schulz(tall, coefficients, steps, 1e-7, torch.float64, form=form) - exact).abs().max() < 1e-9
+        reordered = newton_schulz(tall, coefficients, steps, 1e-7, torch.float64, form=form)
+        assert (reordered - exact).abs().max() < 1e-9
         fine = newton_schulz(tall.float(), coefficients, steps, 1e-7, torch.float32, form=form)
         assert fine.dtype == torch.float32 and (fine.double() - exact).norm() < fp32_error * exact.norm()
     broken = tall.float().clone()
@@ -449,5 +450,6 @@ def test_newton_schulz_form_is_picked_where_it_pays():
     # the Gram form on matrices at least twice as wide as tall
     assert pick_form(torch.zeros(32, 96, dtype=torch.bfloat16)) == "standard"
     assert pick_form(torch.zeros(32, 32)) == pick_form(torch.zeros(32, 96, dtype=torch.float64)) == "eigh"
-    on_gpu = [pick_form(torch.zeros(shape, device="meta")) for shape in [(32, 96), (32, 64), (40, 64), (32, 32)]]
+    shapes = [(32, 96), (32, 64), (40, 64), (32, 32)]
+    on_gpu = [pick_form(torch.zeros(shape, device="meta")) for shape in shapes]
     assert on_gpu == ["gram", "gram", "standard", "standard"]
