@@ -127,6 +127,18 @@ def test_a_time_budget_plans_the_steps_that_fit_from_measured_speed():
     assert grown["max_iters"] - 5 == int(305 / (2 * 0.5 * 2 + 0.1 + 5 / 50))
 
 
+@pytest.mark.parametrize("optimizer_seconds, batch", [(0.6, 8), (0.2, 4)])
+def test_a_time_budget_doubles_its_steps_below_min_steps_where_that_buys_tokens(optimizer_seconds, batch):
+    # 1.2 s per micro-batch of 4 x 128. With a 0.6 s update, 1,200 s fit 666 steps of 512 tokens or 400 of
+    # 1,024 (fewer than min_steps, but 1.2x the tokens): the steps double; 2 x (8 x 128) would keep only 222
+    # (< min_steps / 2). With a 0.2 s update 461 steps of 1,024 are only 1.08x the tokens: the steps stay.
+    config = build_config("fast", overrides={"eval_interval": 10**6})  # 4 x 128, min_steps 512, batch up to 8
+    timed = dict(micro=[1.2] * 10, optimizer=[optimizer_seconds] * 10)
+    plan = plan_time(config, seconds_left=1200.0, timed=timed, eval_seconds=0.0, step=10)
+    assert (plan["batch_size"], plan["gradient_accumulation_steps"]) == (batch, 1)
+    assert plan["max_iters"] - 10 == int(1200 / (1.2 * batch / 4 + optimizer_seconds))
+
+
 def test_a_time_budget_times_ten_steps_before_planning_unless_they_take_a_twentieth_of_it():
     timed = lambda n: dict(micro=[1.0] * n, optimizer=[0.1] * n)  # noqa: E731
     assert not plan_due(timed(2), spent=500.0, budget=600.0)  # never on fewer than three

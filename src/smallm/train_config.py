@@ -49,7 +49,9 @@ class TrainConfig:
     tokens: int | None = _field(None, "token budget, e.g. 380k, 82M, 1.5B: the run's length in tokens")
     time: float | None = _field(None, "time budget, e.g. 90s, 20m, 2h: steps fitted to the measured speed")
     min_steps: int = _field(
-        0, "with a budget, double the tokens per step while the run keeps at least this many steps"
+        0,
+        "with a budget, double the tokens per step while the run keeps at least this many steps (a time "
+        "budget: or half as many, where the doubled steps fit 1.15x the tokens)",
     )
     max_batch_size: int = _field(
         0,
@@ -309,18 +311,30 @@ def parse_duration(text) -> float:
     return seconds
 
 
+# A time budget also doubles its steps, down to min_steps / 2 of them, where the doubled steps fit this many
+# times the tokens (the optimizer's update, paid per step, is then a large share of a step). At equal tokens
+# a doubling cost 0.04-0.08 in loss here, what 7-13% more tokens buy at these budgets (~0.45 per doubling of
+# them); a 15-minute run that doubled its 512-token steps this way fitted 1.36x the tokens and ended 0.157
+# lower (bench/RESULTS.md, "time budgets on a slow CPU").
+GROW_FOR_TOKENS = 1.15
+
+
 def grow_steps(config: TrainConfig, steps_at, world_size: int = 1) -> tuple[int, int]:
     """(batch_size, gradient_accumulation_steps) for a budget that gives `steps_at(batch, accum)` steps.
 
     Tokens per step start at the config's; with min_steps, they double while the run keeps at least
-    min_steps steps (a small budget cannot afford big steps, a large one wants them): batch_size first, up
-    to max_batch_size, then gradient accumulation: the same arithmetic, but one micro-batch of 8 x 128 ran
-    1.2x as fast as two of 4 x 128 on a 2-core CPU (bench/RESULTS.md).
+    min_steps steps (a small budget cannot afford big steps, a large one wants them), or at least half as
+    many where the doubled steps fit GROW_FOR_TOKENS times the tokens (a time budget whose optimizer update
+    is a large share of a step): batch_size first, up to max_batch_size, then gradient accumulation: the
+    same arithmetic, but one micro-batch of 8 x 128 ran 1.2x as fast as two of 4 x 128 on a 2-core CPU
+    (bench/RESULTS.md).
     """
     batch, accum = config.batch_size, config.gradient_accumulation_steps
+    tokens_at = lambda b, a: steps_at(b, a) * b * a  # noqa: E731  (in units of block_size)
     while config.min_steps:
         bigger = (batch * 2, accum) if batch * 2 <= config.max_batch_size else (batch, accum * 2)
-        if steps_at(*bigger) < config.min_steps:
+        steps, more = steps_at(*bigger), tokens_at(*bigger) / tokens_at(batch, accum)
+        if steps < config.min_steps and not (steps >= config.min_steps / 2 and more >= GROW_FOR_TOKENS):
             break
         batch, accum = bigger
     return batch, -(-accum // world_size) * world_size  # divisible by the number of processes
