@@ -314,8 +314,8 @@ def parse_duration(text) -> float:
 # A time budget also doubles its steps, down to min_steps / 2 of them, where the doubled steps fit this many
 # times the tokens (the optimizer's update, paid per step, is then a large share of a step). At equal tokens
 # a doubling cost 0.04-0.08 in loss here, what 7-13% more tokens buy at these budgets (~0.45 per doubling of
-# them); a 15-minute run that doubled its 512-token steps this way fitted 1.36x the tokens and ended 0.157
-# lower (bench/RESULTS.md, "time budgets on a slow CPU").
+# them); 15-minute runs that doubled their 512-token steps this way fitted 1.35x the tokens and ended 0.15
+# lower, twice (bench/RESULTS.md, "Time budgets on a slow CPU").
 GROW_FOR_TOKENS = 1.15
 
 
@@ -330,12 +330,14 @@ def grow_steps(config: TrainConfig, steps_at, world_size: int = 1) -> tuple[int,
     (bench/RESULTS.md).
     """
     batch, accum = config.batch_size, config.gradient_accumulation_steps
-    tokens_at = lambda b, a: steps_at(b, a) * b * a  # noqa: E731  (in units of block_size)
     while config.min_steps:
         bigger = (batch * 2, accum) if batch * 2 <= config.max_batch_size else (batch, accum * 2)
-        steps, more = steps_at(*bigger), tokens_at(*bigger) / tokens_at(batch, accum)
-        if steps < config.min_steps and not (steps >= config.min_steps / 2 and more >= GROW_FOR_TOKENS):
-            break
+        steps = steps_at(*bigger)
+        if steps < config.min_steps:
+            now = steps_at(batch, accum) * batch * accum  # tokens, in blocks: the same for a token budget
+            more = steps * bigger[0] * bigger[1] / now if now > 0 else 0.0
+            if steps < config.min_steps / 2 or more < GROW_FOR_TOKENS:
+                break
         batch, accum = bigger
     return batch, -(-accum // world_size) * world_size  # divisible by the number of processes
 
